@@ -1,0 +1,108 @@
+//! Statistics snapshots each service reports on `/stats`, and the gateway sums into `totals`.
+//!
+//! These are plain serde types so that a gateway can read them from any instance over HTTP.
+
+use serde::{Deserialize, Serialize};
+
+/// What the queue reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Backend name: `memory`, `nats`, `kafka`, `composite`.
+    pub backend: String,
+    /// Whether events survive the process that holds them (a broker) or not (memory).
+    pub durable: bool,
+    /// Events waiting to be delivered (ready plus waiting out a retry delay).
+    pub size: u64,
+    /// Events delivered and not yet acked, nacked or terminated.
+    pub in_flight: u64,
+    /// Most events the queue holds at once (0 when the broker decides).
+    pub capacity: u64,
+    pub published: u64,
+    /// Publishes discarded because their id was seen inside the dedupe window.
+    pub duplicates: u64,
+    pub acked: u64,
+    pub nacked: u64,
+    pub terminated: u64,
+    /// Deliveries beyond the first.
+    pub redelivered: u64,
+}
+
+/// What an ingest instance reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestStats {
+    /// Events the queue confirmed (the client got 202 / OK for them).
+    pub accepted: u64,
+    /// Events refused for bad input.
+    pub rejected_invalid: u64,
+    /// Events refused because the queue was full.
+    pub rejected_full: u64,
+    /// Events refused because the queue was unreachable or shutting down.
+    pub rejected_unavailable: u64,
+}
+
+/// The seed's `pool` object, extended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// Events written to the sink and acked.
+    pub processed: u64,
+    /// Attempts that failed in a stage or the sink (the seed's `errors`).
+    pub errors: u64,
+    /// Failed attempts handed back to the queue for a later retry.
+    pub retried: u64,
+    /// Events moved to the dead-letter queue after their last attempt.
+    pub dead_lettered: u64,
+    /// Deliveries skipped because their id was already processed.
+    pub duplicates: u64,
+    pub workers: u64,
+    /// Workers busy with a batch right now.
+    pub active: u64,
+}
+
+/// What a processor instance reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessorStats {
+    pub queue: QueueStats,
+    pub pool: PoolStats,
+    /// Events held in the dead-letter queue now.
+    pub dlq_size: u64,
+    pub sink: String,
+}
+
+/// The gateway's `totals`: sums over every instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub accepted: u64,
+    pub processed: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    /// Events in the queue or in flight right now.
+    pub pending: u64,
+}
+
+/// One dead-lettered event as the DLQ API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterView {
+    pub id: String,
+    pub source: String,
+    pub timestamp: u64,
+    /// The payload as JSON (see `body::write_data`); `null` for non-UTF-8 bytes.
+    pub data: serde_json::Value,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub attempts: u32,
+    pub error: String,
+    pub failed_at: u64,
+}
+
+/// The answer to a DLQ replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// Events re-published to the queue and removed from the DLQ.
+    pub replayed: u64,
+    /// Events the queue refused; they stay in the DLQ.
+    pub failed: u64,
+    /// Requested ids not found in the DLQ.
+    pub not_found: Vec<String>,
+}

@@ -1,0 +1,182 @@
+//! Turning a client's draft into an event: the one place intake rules live, applied by the
+//! gateway (to answer early) and by ingest (which is a public door too).
+
+use crate::error::ApiError;
+use crate::event::{ContentType, Event, EventDraft, now_ms};
+
+/// Size limits for the parts of an event. Request bodies are bounded separately, by the HTTP
+/// layer; these bound what a single event may carry.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_id_len: usize,
+    pub max_source_len: usize,
+    pub max_metadata_entries: usize,
+    pub max_metadata_key_len: usize,
+    pub max_metadata_value_len: usize,
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_id_len: 256,
+            max_source_len: 256,
+            max_metadata_entries: 64,
+            max_metadata_key_len: 128,
+            max_metadata_value_len: 4096,
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Checks a draft and gives it an id (the client's, or a new UUIDv7) and a timestamp.
+pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
+    let id = match draft.id {
+        Some(id) => {
+            check_id(&id, limits)?;
+            id
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    if draft.source.trim().is_empty() {
+        return Err(ApiError::field("source", "source is required and must not be empty"));
+    }
+    if draft.source.len() > limits.max_source_len {
+        return Err(ApiError::field(
+            "source",
+            format!("source is longer than {} bytes", limits.max_source_len),
+        ));
+    }
+    if draft.source.chars().any(char::is_control) {
+        return Err(ApiError::field("source", "source must not contain control characters"));
+    }
+    if draft.payload.len() > limits.max_payload_bytes {
+        return Err(ApiError::field(
+            "data",
+            format!("data is larger than {} bytes", limits.max_payload_bytes),
+        ));
+    }
+    match draft.content_type {
+        ContentType::Json => {
+            if serde_json::from_slice::<&serde_json::value::RawValue>(&draft.payload).is_err() {
+                return Err(ApiError::field(
+                    "payload",
+                    "payload is declared application/json but is not valid JSON",
+                ));
+            }
+        }
+        ContentType::Text => {
+            if std::str::from_utf8(&draft.payload).is_err() {
+                return Err(ApiError::field(
+                    "payload",
+                    "payload is declared text but is not valid UTF-8",
+                ));
+            }
+        }
+        ContentType::Binary => {}
+    }
+    if draft.metadata.len() > limits.max_metadata_entries {
+        return Err(ApiError::field(
+            "metadata",
+            format!("metadata has more than {} entries", limits.max_metadata_entries),
+        ));
+    }
+    for (key, value) in &draft.metadata {
+        if key.is_empty() || key.len() > limits.max_metadata_key_len {
+            return Err(ApiError::field(
+                "metadata",
+                format!(
+                    "metadata keys must be 1 to {} bytes long",
+                    limits.max_metadata_key_len
+                ),
+            ));
+        }
+        if value.len() > limits.max_metadata_value_len {
+            return Err(ApiError::field(
+                "metadata",
+                format!(
+                    "metadata value for '{key}' is longer than {} bytes",
+                    limits.max_metadata_value_len
+                ),
+            ));
+        }
+    }
+    Ok(Event {
+        id,
+        source: draft.source,
+        timestamp_ms: draft.timestamp_ms.unwrap_or_else(now_ms),
+        payload: draft.payload,
+        content_type: draft.content_type,
+        metadata: draft.metadata,
+        attempt: 0,
+        headers: draft.headers,
+    })
+}
+
+/// Ids are dedupe keys and appear in URLs, logs and broker headers: printable ASCII only.
+fn check_id(id: &str, limits: &Limits) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::field("id", "id must not be empty"));
+    }
+    if id.len() > limits.max_id_len {
+        return Err(ApiError::field(
+            "id",
+            format!("id is longer than {} bytes", limits.max_id_len),
+        ));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::field(
+            "id",
+            "id must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    fn draft(source: &str) -> EventDraft {
+        EventDraft {
+            source: source.into(),
+            payload: bytes::Bytes::from_static(b"{\"t\":1}"),
+            content_type: ContentType::Json,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn assigns_a_uuid_v7_and_a_timestamp_when_the_client_gave_none() {
+        let event = validate(draft("sensor-01"), &Limits::default()).expect("valid");
+        let id = uuid::Uuid::parse_str(&event.id).expect("a uuid");
+        assert_eq!(id.get_version_num(), 7);
+        assert!(event.timestamp_ms > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn keeps_the_client_id() {
+        let mut d = draft("s");
+        d.id = Some("order-42".into());
+        assert_eq!(validate(d, &Limits::default()).expect("valid").id, "order-42");
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let err = validate(draft(" "), &Limits::default()).expect_err("empty source");
+        assert_eq!(err.code, ErrorCode::InvalidField);
+        assert_eq!(err.field.as_deref(), Some("source"));
+
+        let mut d = draft("s");
+        d.id = Some("has space".into());
+        assert_eq!(validate(d, &Limits::default()).expect_err("bad id").field.as_deref(), Some("id"));
+
+        let mut d = draft("s");
+        d.payload = bytes::Bytes::from_static(b"{not json");
+        assert_eq!(
+            validate(d, &Limits::default()).expect_err("bad json").field.as_deref(),
+            Some("payload")
+        );
+    }
+}

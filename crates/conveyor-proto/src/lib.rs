@@ -1,0 +1,13 @@
+//! Generated protobuf and gRPC types, and their conversion to and from the core model.
+//!
+//! Wire types stop here: the rest of conveyor works with `conveyor_core` types.
+
+#![allow(clippy::all)]
+
+pub mod v1 {
+    tonic::include_proto!("conveyor.v1");
+}
+
+mod convert;
+
+pub use convert::{draft_from_request, error_detail, event_from_wire, event_to_wire};

@@ -1,0 +1,157 @@
+//! The queue contract every backend implements, and the in-memory backend.
+//!
+//! # Semantics (the contract; `conformance` checks it against every backend)
+//! - **Publish with confirm.** [`Publisher::publish`] resolves only when the queue has taken
+//!   each event durably for its kind (memory: in the process's queue; NATS: PubAck; Kafka:
+//!   delivery report with acks=all), or refused it with a [`PublishError`] the client can act on.
+//!   An event whose [`Event::dedupe_key`] was published inside the dedupe window is confirmed as
+//!   [`Published::Duplicate`] and not stored twice.
+//! - **At-least-once consume.** A [`Consumer`] hands out [`Delivery`]s. Each must be settled:
+//!   [`Delivery::ack`] (done, never delivered again), [`Delivery::nack`] (deliver again after a
+//!   delay, with its attempt count increased) or [`Delivery::term`] (never deliver again; the
+//!   caller has put the event elsewhere, e.g. the dead-letter queue). A delivery that is dropped
+//!   unsettled, or whose consumer goes away, is delivered again.
+//! - **Bounded.** A queue with a capacity refuses publishes beyond it with
+//!   [`PublishError::Full`]; nothing grows without limit.
+//! - **Stats** are counts since start, and depth/in-flight right now.
+
+pub mod memory;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use conveyor_core::Event;
+use conveyor_core::stats::QueueStats;
+
+pub use memory::{MemoryQueue, MemoryQueueConfig};
+
+/// How the queue confirmed a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Stored; it will be delivered.
+    Stored,
+    /// Its dedupe key was seen inside the window; the earlier copy stands.
+    Duplicate,
+}
+
+/// Why the queue refused a publish. Every variant is safe to retry later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("the queue is full")]
+    Full,
+    #[error("the queue is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the queue is closed for publishing (shutting down)")]
+    Closed,
+}
+
+impl From<PublishError> for conveyor_core::ApiError {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::Full => conveyor_core::ApiError::queue_full(),
+            PublishError::Unavailable(reason) => conveyor_core::ApiError::unavailable(format!(
+                "the queue is unavailable: {reason}"
+            )),
+            PublishError::Closed => conveyor_core::ApiError::shutting_down(),
+        }
+    }
+}
+
+/// Failures of consuming and settling.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the delivery is no longer held by this consumer")]
+    StaleDelivery,
+}
+
+/// Is the queue usable right now, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Unhealthy(String),
+}
+
+/// The publishing half of a queue: what ingest needs.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes every event and answers, in order, once each one is confirmed or refused.
+    async fn publish(&self, events: Vec<Event>) -> Vec<Result<Published, PublishError>>;
+
+    async fn health(&self) -> Health;
+}
+
+/// A queue that can also be consumed: what a processor needs.
+#[async_trait]
+pub trait Queue: Publisher {
+    /// A new consumer. Consumers of one queue share its events: each is delivered to one of them.
+    async fn subscribe(&self) -> Result<Box<dyn Consumer>, QueueError>;
+
+    async fn stats(&self) -> QueueStats;
+
+    /// Stop taking publishes (they fail with [`PublishError::Closed`]); consuming goes on so
+    /// that what is held can be drained.
+    async fn close(&self);
+}
+
+#[async_trait]
+pub trait Consumer: Send {
+    /// Waits up to `wait` for deliveries and returns between 0 and `max` of them.
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
+}
+
+/// How a delivery was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    Ack,
+    Nack { delay: Duration },
+    Term,
+}
+
+/// The backend's half of a delivery: how to settle it.
+#[async_trait]
+pub trait DeliveryHandle: Send + Sync {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), QueueError>;
+}
+
+/// One event handed to a consumer. `event.attempt` is its delivery count (1 the first time).
+pub struct Delivery {
+    pub event: Event,
+    handle: Box<dyn DeliveryHandle>,
+}
+
+impl Delivery {
+    pub fn new(event: Event, handle: Box<dyn DeliveryHandle>) -> Self {
+        Delivery { event, handle }
+    }
+
+    /// Done: never delivered again.
+    pub async fn ack(self) -> Result<(), QueueError> {
+        self.handle.settle(Settlement::Ack).await
+    }
+
+    /// Deliver again after `delay`.
+    pub async fn nack(self, delay: Duration) -> Result<(), QueueError> {
+        self.handle.settle(Settlement::Nack { delay }).await
+    }
+
+    /// Never deliver again (the caller moved it elsewhere, e.g. to the dead-letter queue).
+    pub async fn term(self) -> Result<(), QueueError> {
+        self.handle.settle(Settlement::Term).await
+    }
+
+    /// Splits the delivery so the event can be moved while the handle waits to settle it.
+    pub fn into_parts(self) -> (Event, Box<dyn DeliveryHandle>) {
+        (self.event, self.handle)
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("event", &self.event.id).finish()
+    }
+}
