@@ -1,1 +1,163 @@
+//! The HTTP and gRPC edge every conveyor service shares.
+//!
+//! - [`HttpError`] / [`grpc_status`]: an [`ApiError`] mapped once to an HTTP response (JSON body
+//!   naming the problem, `Retry-After` when retrying helps) and to a gRPC status.
+//! - [`Readiness`] and [`health_routes`]: `/health` (live) and `/ready` (ready), the latter
+//!   turning 503 as soon as shutdown begins.
+//! - [`serve`]: runs a router until a shutdown future resolves, finishing in-flight requests.
+//! - [`body`]: request bodies read with a size limit and checked content type.
 
+pub mod body;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use conveyor_core::{ApiError, ErrorCode};
+use tokio::net::TcpListener;
+
+/// How long a client told to back off should wait, in seconds.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// An [`ApiError`] as an HTTP response.
+#[derive(Debug)]
+pub struct HttpError(pub ApiError);
+
+impl From<ApiError> for HttpError {
+    fn from(error: ApiError) -> Self {
+        HttpError(error)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = http_status(self.0.code);
+        let body = serde_json::json!({ "error": self.0 });
+        let mut response = (status, axum::Json(body)).into_response();
+        if self.0.code.is_retryable() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+pub fn http_status(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// An [`ApiError`] as a gRPC status; the conveyor code travels in the message prefix.
+pub fn grpc_status(error: &ApiError) -> tonic::Status {
+    let code = match error.code {
+        ErrorCode::InvalidJson | ErrorCode::InvalidField | ErrorCode::UnsupportedMediaType => {
+            tonic::Code::InvalidArgument
+        }
+        ErrorCode::PayloadTooLarge | ErrorCode::BatchTooLarge => tonic::Code::InvalidArgument,
+        ErrorCode::QueueFull => tonic::Code::ResourceExhausted,
+        ErrorCode::Unavailable | ErrorCode::ShuttingDown => tonic::Code::Unavailable,
+        ErrorCode::NotFound => tonic::Code::NotFound,
+        ErrorCode::Internal => tonic::Code::Internal,
+    };
+    let message = match &error.field {
+        Some(field) => format!("{} ({field}): {}", error.code.as_str(), error.message),
+        None => format!("{}: {}", error.code.as_str(), error.message),
+    };
+    tonic::Status::new(code, message)
+}
+
+/// The inverse of [`grpc_status`], for a client of an upstream conveyor service.
+pub fn api_error_from_grpc(status: &tonic::Status) -> ApiError {
+    let code = match status.code() {
+        tonic::Code::InvalidArgument => ErrorCode::InvalidField,
+        tonic::Code::ResourceExhausted => ErrorCode::QueueFull,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            ErrorCode::Unavailable
+        }
+        tonic::Code::NotFound => ErrorCode::NotFound,
+        _ => ErrorCode::Internal,
+    };
+    // Keep the upstream's own code when it sent one (see `grpc_status`).
+    let message = status.message();
+    let upstream = message.split([':', ' ']).next().and_then(ErrorCode::parse);
+    ApiError::new(upstream.unwrap_or(code), message.to_owned())
+}
+
+/// Whether this process takes new work. Starts ready; [`Readiness::shut_down`] is one-way.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// `Err(shutting_down)` once shutdown began: intake checks this before accepting.
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(ApiError::shutting_down())
+        }
+    }
+}
+
+/// `/health` answers while the process lives; `/ready` answers 503 once shutdown began.
+pub fn health_routes(readiness: Readiness) -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"})))
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(
+                                serde_json::json!({"status": "not_ready", "reason": "shutting down"}),
+                            ),
+                        )
+                    }
+                }
+            }),
+        )
+}
+
+/// Binds `host:port` (port 0 picks a free one).
+pub async fn bind(host: &str, port: u16) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind((host, port)).await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// Serves `router` until `shutdown` resolves, then finishes in-flight requests and returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A 404 in the common JSON error shape, for unknown paths.
+pub async fn not_found() -> HttpError {
+    HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint"))
+}

@@ -65,14 +65,18 @@ pub fn parse_batch(
         if lines.is_empty() {
             return Err(ApiError::field("body", "the batch is empty"));
         }
-        return Ok(lines.into_iter().map(|line| parse_event(line, None)).collect());
+        return Ok(lines
+            .into_iter()
+            .map(|line| parse_event(line, None))
+            .collect());
     }
-    let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::field("body", "a batch body must be a JSON array of event objects")
-        }
-        _ => json_error(e),
-    })?;
+    let elements: Vec<&RawValue> =
+        serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::field("body", "a batch body must be a JSON array of event objects")
+            }
+            _ => json_error(e),
+        })?;
     if elements.len() > max_events {
         return Err(too_many());
     }
@@ -88,7 +92,10 @@ pub fn parse_batch(
 fn json_error(e: serde_json::Error) -> ApiError {
     match e.classify() {
         serde_json::error::Category::Data => ApiError::new(ErrorCode::InvalidField, e.to_string()),
-        _ => ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON: {e}")),
+        _ => ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("the body is not valid JSON: {e}"),
+        ),
     }
 }
 
@@ -163,9 +170,7 @@ fn draft_from_raw(raw: RawBody, idempotency_key: Option<&str>) -> Result<EventDr
 /// becomes a string, and opaque bytes become a string when they are UTF-8. Returns `false`
 /// (writing nothing) for non-UTF-8 bytes, which the caller writes as `data_base64`.
 pub fn write_data(out: &mut Vec<u8>, payload: &[u8], content_type: ContentType) -> bool {
-    if content_type == ContentType::Json
-        && serde_json::from_slice::<&RawValue>(payload).is_ok()
-    {
+    if content_type == ContentType::Json && serde_json::from_slice::<&RawValue>(payload).is_ok() {
         out.extend_from_slice(payload);
         return true;
     }
@@ -203,14 +208,18 @@ mod tests {
 
     #[test]
     fn a_string_data_value_becomes_text() {
-        let draft = parse_event(br#"{"source":"s","data":"temperature:23.5"}"#, None).expect("valid");
+        let draft =
+            parse_event(br#"{"source":"s","data":"temperature:23.5"}"#, None).expect("valid");
         assert_eq!(&draft.payload[..], b"temperature:23.5");
         assert_eq!(draft.content_type, ContentType::Text);
     }
 
     #[test]
     fn malformed_json_is_invalid_json_and_a_wrong_field_is_named() {
-        assert_eq!(parse_event(b"{\"source\":", None).expect_err("eof").code, ErrorCode::InvalidJson);
+        assert_eq!(
+            parse_event(b"{\"source\":", None).expect_err("eof").code,
+            ErrorCode::InvalidJson
+        );
         let err = parse_event(br#"{"source":5,"data":1}"#, None).expect_err("type");
         assert_eq!(err.field.as_deref(), Some("source"));
         let err = parse_event(br#"{"source":"s"}"#, None).expect_err("missing");
@@ -223,7 +232,8 @@ mod tests {
     fn idempotency_key_is_the_id_unless_the_body_disagrees() {
         let d = parse_event(br#"{"source":"s","data":1}"#, Some("k1")).expect("valid");
         assert_eq!(d.id.as_deref(), Some("k1"));
-        let err = parse_event(br#"{"id":"a","source":"s","data":1}"#, Some("b")).expect_err("differ");
+        let err =
+            parse_event(br#"{"id":"a","source":"s","data":1}"#, Some("b")).expect_err("differ");
         assert_eq!(err.field.as_deref(), Some("id"));
     }
 
@@ -233,15 +243,24 @@ mod tests {
         let results = parse_batch(body, true, 10).expect("splits");
         assert_eq!(results.len(), 3);
         assert!(results[0].is_ok());
-        assert_eq!(results[1].as_ref().expect_err("bad").code, ErrorCode::InvalidJson);
+        assert_eq!(
+            results[1].as_ref().expect_err("bad").code,
+            ErrorCode::InvalidJson
+        );
         assert!(results[2].is_ok());
     }
 
     #[test]
     fn batch_limit_is_enforced() {
         let body = br#"[{"source":"a","data":1},{"source":"b","data":2}]"#;
-        assert_eq!(parse_batch(body, false, 1).expect_err("too many").code, ErrorCode::BatchTooLarge);
+        assert_eq!(
+            parse_batch(body, false, 1).expect_err("too many").code,
+            ErrorCode::BatchTooLarge
+        );
         assert_eq!(parse_batch(body, false, 2).expect("fits").len(), 2);
-        assert_eq!(parse_batch(b"{}", false, 2).expect_err("not array").code, ErrorCode::InvalidField);
+        assert_eq!(
+            parse_batch(b"{}", false, 2).expect_err("not array").code,
+            ErrorCode::InvalidField
+        );
     }
 }

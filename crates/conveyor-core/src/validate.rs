@@ -39,7 +39,10 @@ pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
         None => uuid::Uuid::now_v7().to_string(),
     };
     if draft.source.trim().is_empty() {
-        return Err(ApiError::field("source", "source is required and must not be empty"));
+        return Err(ApiError::field(
+            "source",
+            "source is required and must not be empty",
+        ));
     }
     if draft.source.len() > limits.max_source_len {
         return Err(ApiError::field(
@@ -48,7 +51,10 @@ pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
         ));
     }
     if draft.source.chars().any(char::is_control) {
-        return Err(ApiError::field("source", "source must not contain control characters"));
+        return Err(ApiError::field(
+            "source",
+            "source must not contain control characters",
+        ));
     }
     if draft.payload.len() > limits.max_payload_bytes {
         return Err(ApiError::field(
@@ -78,7 +84,10 @@ pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
     if draft.metadata.len() > limits.max_metadata_entries {
         return Err(ApiError::field(
             "metadata",
-            format!("metadata has more than {} entries", limits.max_metadata_entries),
+            format!(
+                "metadata has more than {} entries",
+                limits.max_metadata_entries
+            ),
         ));
     }
     for (key, value) in &draft.metadata {
@@ -159,7 +168,10 @@ mod tests {
     fn keeps_the_client_id() {
         let mut d = draft("s");
         d.id = Some("order-42".into());
-        assert_eq!(validate(d, &Limits::default()).expect("valid").id, "order-42");
+        assert_eq!(
+            validate(d, &Limits::default()).expect("valid").id,
+            "order-42"
+        );
     }
 
     #[test]
@@ -170,12 +182,21 @@ mod tests {
 
         let mut d = draft("s");
         d.id = Some("has space".into());
-        assert_eq!(validate(d, &Limits::default()).expect_err("bad id").field.as_deref(), Some("id"));
+        assert_eq!(
+            validate(d, &Limits::default())
+                .expect_err("bad id")
+                .field
+                .as_deref(),
+            Some("id")
+        );
 
         let mut d = draft("s");
         d.payload = bytes::Bytes::from_static(b"{not json");
         assert_eq!(
-            validate(d, &Limits::default()).expect_err("bad json").field.as_deref(),
+            validate(d, &Limits::default())
+                .expect_err("bad json")
+                .field
+                .as_deref(),
             Some("payload")
         );
     }

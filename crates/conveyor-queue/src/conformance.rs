@@ -91,18 +91,33 @@ where
     publish_all(queue.as_ref(), sent.clone()).await;
     let mut consumer = queue.subscribe().await.expect("subscribe");
     let got = fetch_n(consumer.as_mut(), 200, REDELIVERY_TIMEOUT).await;
-    assert_eq!(sorted_ids(&got), expected, "every published event is delivered once");
+    assert_eq!(
+        sorted_ids(&got),
+        expected,
+        "every published event is delivered once"
+    );
     for delivery in &got {
-        let original = sent.iter().find(|e| e.id == delivery.event.id).expect("known id");
+        let original = sent
+            .iter()
+            .find(|e| e.id == delivery.event.id)
+            .expect("known id");
         assert_eq!(delivery.event.attempt, 1, "first delivery has attempt 1");
         assert_eq!(delivery.event.payload, original.payload, "payload intact");
-        assert_eq!(delivery.event.metadata, original.metadata, "metadata intact");
+        assert_eq!(
+            delivery.event.metadata, original.metadata,
+            "metadata intact"
+        );
         assert_eq!(delivery.event.source, original.source);
     }
     for delivery in got {
         delivery.ack().await.expect("ack");
     }
-    assert_quiet(consumer.as_mut(), Duration::from_millis(500), "acked events came back").await;
+    assert_quiet(
+        consumer.as_mut(),
+        Duration::from_millis(500),
+        "acked events came back",
+    )
+    .await;
 }
 
 pub async fn nack_then_redelivery<F, Fut>(factory: F)
@@ -117,14 +132,40 @@ where
     assert_eq!(sorted_ids(&first), ["nack-1"]);
     let delay = Duration::from_millis(700);
     let nacked_at = tokio::time::Instant::now();
-    first.into_iter().next().expect("one").nack(delay).await.expect("nack");
-    assert_quiet(consumer.as_mut(), Duration::from_millis(200), "redelivered before its delay").await;
+    first
+        .into_iter()
+        .next()
+        .expect("one")
+        .nack(delay)
+        .await
+        .expect("nack");
+    assert_quiet(
+        consumer.as_mut(),
+        Duration::from_millis(200),
+        "redelivered before its delay",
+    )
+    .await;
     let again = fetch_n(consumer.as_mut(), 1, REDELIVERY_TIMEOUT).await;
-    assert_eq!(sorted_ids(&again), ["nack-1"], "a nacked event is delivered again");
+    assert_eq!(
+        sorted_ids(&again),
+        ["nack-1"],
+        "a nacked event is delivered again"
+    );
     assert!(nacked_at.elapsed() >= delay, "the delay was respected");
     assert_eq!(again[0].event.attempt, 2, "the attempt count grew");
-    again.into_iter().next().expect("one").ack().await.expect("ack");
-    assert_quiet(consumer.as_mut(), Duration::from_millis(500), "acked event came back").await;
+    again
+        .into_iter()
+        .next()
+        .expect("one")
+        .ack()
+        .await
+        .expect("ack");
+    assert_quiet(
+        consumer.as_mut(),
+        Duration::from_millis(500),
+        "acked event came back",
+    )
+    .await;
 }
 
 pub async fn unacked_redelivered_after_consumer_restart<F, Fut>(factory: F)
@@ -148,12 +189,24 @@ where
     drop(consumer);
     let mut consumer = queue.subscribe().await.expect("resubscribe");
     let again = fetch_n(consumer.as_mut(), 5, REDELIVERY_TIMEOUT).await;
-    assert_eq!(sorted_ids(&again), expected, "exactly the unacked events come back");
-    assert!(again.iter().all(|d| d.event.attempt >= 2), "marked as redeliveries");
+    assert_eq!(
+        sorted_ids(&again),
+        expected,
+        "exactly the unacked events come back"
+    );
+    assert!(
+        again.iter().all(|d| d.event.attempt >= 2),
+        "marked as redeliveries"
+    );
     for delivery in again {
         delivery.ack().await.expect("ack");
     }
-    assert_quiet(consumer.as_mut(), Duration::from_millis(500), "acked events came back").await;
+    assert_quiet(
+        consumer.as_mut(),
+        Duration::from_millis(500),
+        "acked events came back",
+    )
+    .await;
 }
 
 pub async fn term_is_final<F, Fut>(factory: F)
@@ -165,8 +218,18 @@ where
     publish_all(queue.as_ref(), vec![event("term-1")]).await;
     let mut consumer = queue.subscribe().await.expect("subscribe");
     let got = fetch_n(consumer.as_mut(), 1, REDELIVERY_TIMEOUT).await;
-    got.into_iter().next().expect("one").term().await.expect("term");
-    assert_quiet(consumer.as_mut(), Duration::from_secs(1), "a terminated event came back").await;
+    got.into_iter()
+        .next()
+        .expect("one")
+        .term()
+        .await
+        .expect("term");
+    assert_quiet(
+        consumer.as_mut(),
+        Duration::from_secs(1),
+        "a terminated event came back",
+    )
+    .await;
 }
 
 pub async fn saturation_then_recovery<F, Fut>(factory: F)
@@ -177,10 +240,18 @@ where
     let queue = factory(10).await;
     publish_all(queue.as_ref(), events("sat", 10)).await;
     let refused = queue.publish(vec![event("sat-over")]).await;
-    assert_eq!(refused, vec![Err(PublishError::Full)], "a full queue refuses, it does not grow");
+    assert_eq!(
+        refused,
+        vec![Err(PublishError::Full)],
+        "a full queue refuses, it does not grow"
+    );
     let mut consumer = queue.subscribe().await.expect("subscribe");
     let got = fetch_n(consumer.as_mut(), 10, REDELIVERY_TIMEOUT).await;
-    assert_eq!(got.len(), 10, "the refused publish did not displace stored events");
+    assert_eq!(
+        got.len(),
+        10,
+        "the refused publish did not displace stored events"
+    );
     for delivery in got {
         delivery.ack().await.expect("ack");
     }
@@ -211,8 +282,18 @@ where
     let mut consumer = queue.subscribe().await.expect("subscribe");
     let got = fetch_n(consumer.as_mut(), 1, REDELIVERY_TIMEOUT).await;
     assert_eq!(sorted_ids(&got), ["dup-1"]);
-    got.into_iter().next().expect("one").ack().await.expect("ack");
-    assert_quiet(consumer.as_mut(), Duration::from_millis(500), "a duplicate was delivered").await;
+    got.into_iter()
+        .next()
+        .expect("one")
+        .ack()
+        .await
+        .expect("ack");
+    assert_quiet(
+        consumer.as_mut(),
+        Duration::from_millis(500),
+        "a duplicate was delivered",
+    )
+    .await;
 }
 
 pub async fn stats_are_accurate<F, Fut>(factory: F)
@@ -263,7 +344,11 @@ where
     );
     let mut consumer = queue.subscribe().await.expect("subscribe");
     let got = fetch_n(consumer.as_mut(), 3, REDELIVERY_TIMEOUT).await;
-    assert_eq!(sorted_ids(&got), ["close-0", "close-1", "close-2"], "held events still drain");
+    assert_eq!(
+        sorted_ids(&got),
+        ["close-0", "close-1", "close-2"],
+        "held events still drain"
+    );
 }
 
 /// Instantiates every conformance case as a `#[tokio::test]` for the backend built by

@@ -52,9 +52,9 @@ impl From<PublishError> for conveyor_core::ApiError {
     fn from(error: PublishError) -> Self {
         match error {
             PublishError::Full => conveyor_core::ApiError::queue_full(),
-            PublishError::Unavailable(reason) => conveyor_core::ApiError::unavailable(format!(
-                "the queue is unavailable: {reason}"
-            )),
+            PublishError::Unavailable(reason) => {
+                conveyor_core::ApiError::unavailable(format!("the queue is unavailable: {reason}"))
+            }
             PublishError::Closed => conveyor_core::ApiError::shutting_down(),
         }
     }
@@ -152,6 +152,8 @@ impl Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("event", &self.event.id).finish()
+        f.debug_struct("Delivery")
+            .field("event", &self.event.id)
+            .finish()
     }
 }

@@ -1,0 +1,234 @@
+//! The gRPC `IngestService`, shared by the gateway and ingest.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use conveyor_api::{Readiness, grpc_status};
+use conveyor_core::{ApiError, ErrorCode};
+use conveyor_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
+use conveyor_proto::v1::{
+    EventResult, IngestBatchRequest, IngestBatchResponse, IngestRequest, IngestResponse,
+    IngestStreamResponse, PublishAck, PublishRequest,
+};
+use conveyor_proto::{draft_from_request, error_detail};
+use futures_util::{Stream, StreamExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Intake;
+
+/// How many streamed events are submitted to the queue together. Bounds the memory a stream
+/// holds and lets one queue round trip confirm many events.
+const STREAM_CHUNK: usize = 256;
+
+pub struct IngestGrpc {
+    intake: Arc<dyn Intake>,
+    readiness: Readiness,
+    max_batch_events: usize,
+}
+
+impl IngestGrpc {
+    pub fn new(intake: Arc<dyn Intake>, readiness: Readiness, max_batch_events: usize) -> Self {
+        IngestGrpc {
+            intake,
+            readiness,
+            max_batch_events,
+        }
+    }
+
+    /// The tonic service, with message size bounded by `max_message_bytes`.
+    pub fn into_server(self, max_message_bytes: usize) -> IngestServiceServer<IngestGrpc> {
+        IngestServiceServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes.max(4 * 1024 * 1024))
+    }
+
+    async fn submit(&self, requests: Vec<IngestRequest>) -> Vec<Result<String, ApiError>> {
+        if let Err(error) = self.readiness.check() {
+            return vec![Err(error); requests.len()];
+        }
+        let drafts = requests.into_iter().map(draft_from_request).collect();
+        self.intake.submit(drafts).await
+    }
+}
+
+fn event_result(index: usize, result: Result<String, ApiError>) -> EventResult {
+    match result {
+        Ok(message_id) => EventResult {
+            index: index as u32,
+            message_id,
+            error: None,
+        },
+        Err(error) => EventResult {
+            index: index as u32,
+            message_id: String::new(),
+            error: Some(error_detail(&error)),
+        },
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<PublishAck, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl IngestService for IngestGrpc {
+    async fn ingest(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
+        let result = self
+            .submit(vec![request.into_inner()])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(ApiError::internal("intake returned no result")));
+        match result {
+            Ok(message_id) => Ok(Response::new(IngestResponse {
+                message_id,
+                status: "accepted".into(),
+            })),
+            Err(error) => Err(grpc_status(&error)),
+        }
+    }
+
+    async fn ingest_stream(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<IngestStreamResponse>, Status> {
+        let mut stream = request.into_inner().ready_chunks(STREAM_CHUNK);
+        let mut summary = IngestStreamResponse::default();
+        let mut index = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let mut requests = Vec::with_capacity(chunk.len());
+            let mut broken = None;
+            for item in chunk {
+                match item {
+                    Ok(request) => requests.push(request),
+                    Err(status) => {
+                        broken = Some(status);
+                        break;
+                    }
+                }
+            }
+            for result in self.submit(requests).await {
+                match result {
+                    Ok(_) => summary.accepted += 1,
+                    Err(error) => {
+                        summary.rejected += 1;
+                        summary.rejections.push(event_result(index, Err(error)));
+                    }
+                }
+                index += 1;
+            }
+            // A client stream that breaks mid-way: what was submitted stands; report the break.
+            if let Some(status) = broken {
+                return Err(Status::new(
+                    status.code(),
+                    format!(
+                        "the stream broke after {index} events ({} accepted): {}",
+                        summary.accepted,
+                        status.message()
+                    ),
+                ));
+            }
+        }
+        Ok(Response::new(summary))
+    }
+
+    async fn ingest_batch(
+        &self,
+        request: Request<IngestBatchRequest>,
+    ) -> Result<Response<IngestBatchResponse>, Status> {
+        let events = request.into_inner().events;
+        if events.len() > self.max_batch_events {
+            return Err(grpc_status(&ApiError::new(
+                ErrorCode::BatchTooLarge,
+                format!("the batch holds more than {} events", self.max_batch_events),
+            )));
+        }
+        let results = self
+            .submit(events)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(index, result)| event_result(index, result))
+            .collect();
+        Ok(Response::new(IngestBatchResponse { results }))
+    }
+
+    type PublishStream = AckStream;
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let mut inbound = request.into_inner().ready_chunks(STREAM_CHUNK);
+        // The answer channel is bounded: a client that does not read its acks stops being read.
+        let (acks, answers) = tokio::sync::mpsc::channel(STREAM_CHUNK * 2);
+        let service = IngestGrpc {
+            intake: Arc::clone(&self.intake),
+            readiness: self.readiness.clone(),
+            max_batch_events: self.max_batch_events,
+        };
+        tokio::spawn(async move {
+            while let Some(chunk) = inbound.next().await {
+                let mut sequences = Vec::with_capacity(chunk.len());
+                let mut requests = Vec::with_capacity(chunk.len());
+                let mut broken = None;
+                for item in chunk {
+                    match item {
+                        Ok(PublishRequest {
+                            sequence,
+                            event: Some(event),
+                        }) => {
+                            sequences.push(sequence);
+                            requests.push(event);
+                        }
+                        Ok(PublishRequest {
+                            sequence,
+                            event: None,
+                        }) => {
+                            let missing = ApiError::field("event", "the request carries no event");
+                            let ack = PublishAck {
+                                sequence,
+                                message_id: String::new(),
+                                error: Some(error_detail(&missing)),
+                            };
+                            if acks.send(Ok(ack)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            broken = Some(status);
+                            break;
+                        }
+                    }
+                }
+                for (sequence, result) in sequences.into_iter().zip(service.submit(requests).await)
+                {
+                    let ack = match result {
+                        Ok(message_id) => PublishAck {
+                            sequence,
+                            message_id,
+                            error: None,
+                        },
+                        Err(error) => PublishAck {
+                            sequence,
+                            message_id: String::new(),
+                            error: Some(error_detail(&error)),
+                        },
+                    };
+                    if acks.send(Ok(ack)).await.is_err() {
+                        // The client went away; events already submitted stand.
+                        return;
+                    }
+                }
+                if let Some(status) = broken {
+                    let _ = acks.send(Err(status)).await;
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(answers)) as AckStream
+        ))
+    }
+}

@@ -1,0 +1,116 @@
+//! A split-mode gateway's intake: ingest services reached over gRPC.
+//!
+//! Each endpoint is one HTTP/2 channel, reused by every request (tonic multiplexes). Requests go
+//! round-robin over the endpoints; a request that finds an endpoint unreachable is tried on the
+//! next one, so one ingest going down costs no events.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use conveyor_api::api_error_from_grpc;
+use conveyor_core::{ApiError, EventDraft};
+use conveyor_proto::v1::ingest_service_client::IngestServiceClient;
+use conveyor_proto::v1::{IngestBatchRequest, IngestRequest};
+use conveyor_queue::Health;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Intake;
+
+pub struct RemoteIntake {
+    endpoints: Vec<(String, IngestServiceClient<Channel>)>,
+    next: AtomicUsize,
+}
+
+impl RemoteIntake {
+    /// Channels to each URL. Connection is lazy: an ingest that is not up yet is reached when
+    /// it is.
+    pub fn new(urls: &[String], max_message_bytes: usize) -> Result<Self, String> {
+        if urls.is_empty() {
+            return Err("at least one ingest URL is needed".into());
+        }
+        let mut endpoints = Vec::with_capacity(urls.len());
+        for url in urls {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| format!("'{url}' is not a valid URL: {e}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(30))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20));
+            let client = IngestServiceClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(max_message_bytes.max(4 * 1024 * 1024))
+                .max_encoding_message_size(max_message_bytes);
+            endpoints.push((url.clone(), client));
+        }
+        Ok(RemoteIntake {
+            endpoints,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.endpoints.iter().map(|(url, _)| url.as_str())
+    }
+}
+
+fn to_request(draft: EventDraft) -> IngestRequest {
+    IngestRequest {
+        id: draft.id.unwrap_or_default(),
+        source: draft.source,
+        payload: draft.payload,
+        content_type: draft.content_type.as_mime().to_owned(),
+        metadata: draft.metadata,
+        timestamp_ms: draft.timestamp_ms.unwrap_or(0),
+    }
+}
+
+#[async_trait]
+impl Intake for RemoteIntake {
+    async fn submit(&self, drafts: Vec<EventDraft>) -> Vec<Result<String, ApiError>> {
+        let count = drafts.len();
+        let request = IngestBatchRequest {
+            events: drafts.into_iter().map(to_request).collect(),
+        };
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = ApiError::unavailable("no ingest endpoint answered");
+        for offset in 0..self.endpoints.len() {
+            let (url, client) = &self.endpoints[(start + offset) % self.endpoints.len()];
+            match client.clone().ingest_batch(request.clone()).await {
+                Ok(answer) => {
+                    let results = answer.into_inner().results;
+                    if results.len() != count {
+                        return vec![
+                            Err(ApiError::internal(format!(
+                                "ingest {url} answered {} results for {count} events",
+                                results.len()
+                            )));
+                            count
+                        ];
+                    }
+                    return results
+                        .into_iter()
+                        .map(|result| match result.error {
+                            None => Ok(result.message_id),
+                            Some(detail) => Err(detail.into()),
+                        })
+                        .collect();
+                }
+                // Only "could not reach it" moves on to the next endpoint: any other answer
+                // means the ingest saw the request, and retrying elsewhere could duplicate work.
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    tracing::warn!(ingest = %url, error = %status.message(), "ingest endpoint unavailable");
+                    last_error = ApiError::unavailable(format!(
+                        "ingest {url} is unavailable: {}",
+                        status.message()
+                    ));
+                }
+                Err(status) => return vec![Err(api_error_from_grpc(&status)); count],
+            }
+        }
+        vec![Err(last_error); count]
+    }
+
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+}

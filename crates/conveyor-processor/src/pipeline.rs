@@ -1,0 +1,300 @@
+//! Stages: what a processor does to each event between the queue and the sink.
+//!
+//! A stage either passes the event on (possibly changed) or fails it with a reason; a failure
+//! sends the event back for a retry. Stages are plain synchronous functions: the pool runs a
+//! pipeline with any CPU-heavy stage on the blocking thread pool, so it never stalls the async
+//! runtime.
+
+use std::fmt;
+use std::sync::Arc;
+
+use conveyor_core::{ContentType, Event};
+
+pub trait Stage: Send + Sync + fmt::Debug {
+    /// Transforms or checks the event; `Err` is the reason it failed.
+    fn apply(&self, event: &mut Event) -> Result<(), String>;
+
+    /// Whether `apply` changes the event (the original is then kept for retries).
+    fn mutates(&self) -> bool {
+        false
+    }
+
+    /// Whether `apply` may take long enough to stall an async runtime thread.
+    fn cpu_heavy(&self) -> bool {
+        false
+    }
+}
+
+/// The stages in order.
+#[derive(Debug, Clone, Default)]
+pub struct Pipeline {
+    stages: Arc<[Box<dyn Stage>]>,
+}
+
+/// An event that failed: the event as it came from the queue, and why.
+pub struct Failed {
+    pub event: Event,
+    pub error: String,
+}
+
+impl Pipeline {
+    pub fn new(stages: Vec<Box<dyn Stage>>) -> Self {
+        Pipeline {
+            stages: stages.into(),
+        }
+    }
+
+    /// Builds a pipeline from specs like `json`, `require:a,b`, `set-metadata:k=v`,
+    /// `fail-if:k=v`, `cpu:N`.
+    pub fn parse(specs: &[String]) -> Result<Self, String> {
+        let stages = specs
+            .iter()
+            .map(|spec| parse_stage(spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Pipeline::new(stages))
+    }
+
+    pub fn is_cpu_heavy(&self) -> bool {
+        self.stages.iter().any(|s| s.cpu_heavy())
+    }
+
+    fn mutates(&self) -> bool {
+        self.stages.iter().any(|s| s.mutates())
+    }
+
+    /// Runs one event through every stage.
+    pub fn run(&self, event: Event) -> Result<Event, Failed> {
+        if self.stages.is_empty() {
+            return Ok(event);
+        }
+        // Keep the original only when a stage may change the event, so a retry starts clean.
+        let original = self.mutates().then(|| event.clone());
+        let mut event = event;
+        for stage in self.stages.iter() {
+            if let Err(error) = stage.apply(&mut event) {
+                return Err(Failed {
+                    event: original.unwrap_or(event),
+                    error,
+                });
+            }
+        }
+        Ok(event)
+    }
+
+    /// Runs a batch, keeping order.
+    pub fn run_batch(&self, events: Vec<Event>) -> Vec<Result<Event, Failed>> {
+        events.into_iter().map(|event| self.run(event)).collect()
+    }
+}
+
+fn parse_stage(spec: &str) -> Result<Box<dyn Stage>, String> {
+    let (name, arg) = match spec.split_once(':') {
+        Some((name, arg)) => (name.trim(), Some(arg.trim())),
+        None => (spec.trim(), None),
+    };
+    let key_value = |arg: Option<&str>| -> Result<(String, String), String> {
+        arg.and_then(|a| a.split_once('='))
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .ok_or_else(|| format!("stage '{spec}': expected {name}:key=value"))
+    };
+    Ok(match name {
+        "json" => Box::new(RequireJson),
+        "require" => {
+            let fields: Vec<String> = arg
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if fields.is_empty() {
+                return Err(format!("stage '{spec}': expected require:field[,field...]"));
+            }
+            Box::new(RequireFields { fields })
+        }
+        "set-metadata" => {
+            let (key, value) = key_value(arg)?;
+            Box::new(SetMetadata { key, value })
+        }
+        "fail-if" => {
+            let (key, value) = key_value(arg)?;
+            Box::new(FailIf { key, value })
+        }
+        "cpu" => {
+            let rounds = arg
+                .and_then(|a| a.parse::<u32>().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("stage '{spec}': expected cpu:ROUNDS with ROUNDS > 0"))?;
+            Box::new(CpuBurn { rounds })
+        }
+        other => {
+            return Err(format!(
+                "unknown stage '{other}' (known: json, require:a,b, set-metadata:k=v, fail-if:k=v, cpu:N)"
+            ));
+        }
+    })
+}
+
+/// Fails unless the payload is valid JSON.
+#[derive(Debug)]
+struct RequireJson;
+
+impl Stage for RequireJson {
+    fn apply(&self, event: &mut Event) -> Result<(), String> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&event.payload)
+            .map(|_| ())
+            .map_err(|e| format!("payload is not valid JSON: {e}"))
+    }
+}
+
+/// Fails unless the payload is a JSON object holding every listed top-level field.
+#[derive(Debug)]
+struct RequireFields {
+    fields: Vec<String>,
+}
+
+impl Stage for RequireFields {
+    fn apply(&self, event: &mut Event) -> Result<(), String> {
+        if event.content_type != ContentType::Json {
+            return Err("payload is not JSON".into());
+        }
+        let object: std::collections::HashMap<&str, &serde_json::value::RawValue> =
+            serde_json::from_slice(&event.payload)
+                .map_err(|_| "payload is not a JSON object".to_owned())?;
+        match self
+            .fields
+            .iter()
+            .find(|f| !object.contains_key(f.as_str()))
+        {
+            Some(missing) => Err(format!("payload lacks required field '{missing}'")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SetMetadata {
+    key: String,
+    value: String,
+}
+
+impl Stage for SetMetadata {
+    fn apply(&self, event: &mut Event) -> Result<(), String> {
+        event.metadata.insert(self.key.clone(), self.value.clone());
+        Ok(())
+    }
+
+    fn mutates(&self) -> bool {
+        true
+    }
+}
+
+/// Fails events whose metadata `key` equals `value`: a quarantine rule, and the way to make a
+/// poison event on purpose.
+#[derive(Debug)]
+struct FailIf {
+    key: String,
+    value: String,
+}
+
+impl Stage for FailIf {
+    fn apply(&self, event: &mut Event) -> Result<(), String> {
+        if event.metadata.get(&self.key) == Some(&self.value) {
+            Err(format!(
+                "rejected by rule fail-if:{}={}",
+                self.key, self.value
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Burns CPU in proportion to `rounds` (FNV-1a over the payload, repeated) and records the
+/// digest in metadata `cpu_digest`: a stand-in for real CPU-heavy work in benchmarks.
+#[derive(Debug)]
+struct CpuBurn {
+    rounds: u32,
+}
+
+impl Stage for CpuBurn {
+    fn apply(&self, event: &mut Event) -> Result<(), String> {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for round in 0..self.rounds {
+            hash ^= u64::from(round);
+            for &byte in event.payload.iter() {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        event
+            .metadata
+            .insert("cpu_digest".into(), format!("{hash:016x}"));
+        Ok(())
+    }
+
+    fn mutates(&self) -> bool {
+        true
+    }
+
+    fn cpu_heavy(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn event(payload: &str, metadata: &[(&str, &str)]) -> Event {
+        Event {
+            id: "e1".into(),
+            source: "s".into(),
+            timestamp_ms: 1,
+            payload: bytes::Bytes::from(payload.to_owned()),
+            content_type: ContentType::Json,
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
+            attempt: 1,
+            headers: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn stages_run_in_order_and_a_failure_returns_the_original() {
+        let pipeline = Pipeline::parse(&["set-metadata:stage=seen".into(), "require:t".into()])
+            .expect("valid specs");
+        let out = pipeline.run(event(r#"{"t":1}"#, &[])).ok().expect("passes");
+        assert_eq!(out.metadata["stage"], "seen");
+        let failed = pipeline.run(event(r#"{"x":1}"#, &[])).err().expect("fails");
+        assert!(failed.error.contains("'t'"), "{}", failed.error);
+        assert!(
+            failed.event.metadata.is_empty(),
+            "the original comes back, unchanged"
+        );
+    }
+
+    #[test]
+    fn fail_if_matches_metadata() {
+        let pipeline = Pipeline::parse(&["fail-if:poison=yes".into()]).expect("valid");
+        assert!(pipeline.run(event("1", &[("poison", "yes")])).is_err());
+        assert!(pipeline.run(event("1", &[("poison", "no")])).is_ok());
+    }
+
+    #[test]
+    fn bad_specs_are_named() {
+        let err = Pipeline::parse(&["frobnicate".into()]).expect_err("unknown");
+        assert!(err.contains("frobnicate"));
+        assert!(Pipeline::parse(&["cpu:0".into()]).is_err());
+        assert!(Pipeline::parse(&["fail-if:novalue".into()]).is_err());
+        assert!(
+            Pipeline::parse(&["cpu:10".into()])
+                .expect("valid")
+                .is_cpu_heavy()
+        );
+    }
+}

@@ -1,0 +1,506 @@
+//! The worker pool.
+//!
+//! Each worker owns a consumer and loops: fetch a batch, skip ids already processed, run the
+//! pipeline (on the blocking pool when a stage is CPU-heavy), write the survivors to the sink in
+//! one call, then ack them; failures are nacked with backoff or, after the last attempt,
+//! dead-lettered and terminated.
+//!
+//! Shutdown ([`Processor::drain`]): with a durable queue (a broker) workers finish the batch in
+//! hand and stop, leaving the rest in the broker. With the memory queue, everything the queue
+//! holds was promised to clients, so workers keep going until it is empty (bounded by the drain
+//! timeout).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use conveyor_core::stats::{PoolStats, ProcessorStats, ReplayReport};
+use conveyor_core::{Event, REPLAY_HEADER, now_ms};
+use conveyor_queue::{Consumer, Delivery, DeliveryHandle, Health, Queue, Settlement};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::dlq::{DeadLetter, DeadLetterQueue};
+use crate::pipeline::{Failed, Pipeline};
+use crate::seen::SeenIds;
+use crate::sink::Sink;
+
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    pub workers: usize,
+    /// Most deliveries a worker takes at once.
+    pub batch_size: usize,
+    /// Deliveries of one event before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles per attempt up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How many processed ids are remembered for dedupe.
+    pub dedupe_window: usize,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            workers: 4,
+            batch_size: 256,
+            max_attempts: 5,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            dedupe_window: 100_000,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    /// The delay before delivery `attempt + 1`, after `attempt` failed.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(20);
+        self.backoff_initial
+            .saturating_mul(1u32 << doublings)
+            .min(self.backoff_max)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    processed: AtomicU64,
+    errors: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    duplicates: AtomicU64,
+    active: AtomicU64,
+}
+
+pub struct Processor {
+    queue: Arc<dyn Queue>,
+    pipeline: Pipeline,
+    sink: Arc<dyn Sink>,
+    dlq: Arc<dyn DeadLetterQueue>,
+    config: ProcessorConfig,
+    counters: Counters,
+    seen: Mutex<SeenIds>,
+    stop: watch::Sender<bool>,
+    replays: AtomicU64,
+}
+
+impl Processor {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        pipeline: Pipeline,
+        sink: Arc<dyn Sink>,
+        dlq: Arc<dyn DeadLetterQueue>,
+        config: ProcessorConfig,
+    ) -> Arc<Self> {
+        Arc::new(Processor {
+            seen: Mutex::new(SeenIds::new(config.dedupe_window)),
+            queue,
+            pipeline,
+            sink,
+            dlq,
+            config,
+            counters: Counters::default(),
+            stop: watch::channel(false).0,
+            replays: AtomicU64::new(0),
+        })
+    }
+
+    pub fn queue(&self) -> &Arc<dyn Queue> {
+        &self.queue
+    }
+
+    /// Starts the workers; the returned set finishes when they have all stopped.
+    pub fn start(self: &Arc<Self>) -> JoinSet<()> {
+        let mut workers = JoinSet::new();
+        for worker in 0..self.config.workers.max(1) {
+            workers.spawn(Arc::clone(self).run_worker(worker));
+        }
+        workers
+    }
+
+    /// Tells the workers to finish (see the module docs for what "finish" means per queue).
+    pub fn begin_drain(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Drains: [`begin_drain`](Self::begin_drain), then waits for the workers up to `timeout`.
+    /// Returns false if the timeout cut the drain short.
+    pub async fn drain(&self, workers: &mut JoinSet<()>, timeout: Duration) -> bool {
+        self.begin_drain();
+        let finished = tokio::time::timeout(timeout, async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !finished {
+            let stats = self.queue.stats().await;
+            tracing::error!(
+                left_in_queue = stats.size,
+                in_flight = stats.in_flight,
+                durable = stats.durable,
+                "drain timeout reached before the queue was empty"
+            );
+            workers.abort_all();
+        }
+        finished
+    }
+
+    pub async fn stats(&self) -> ProcessorStats {
+        let c = &self.counters;
+        ProcessorStats {
+            queue: self.queue.stats().await,
+            pool: PoolStats {
+                processed: c.processed.load(Ordering::Relaxed),
+                errors: c.errors.load(Ordering::Relaxed),
+                retried: c.retried.load(Ordering::Relaxed),
+                dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+                duplicates: c.duplicates.load(Ordering::Relaxed),
+                workers: self.config.workers as u64,
+                active: c.active.load(Ordering::Relaxed),
+            },
+            dlq_size: self.dlq.len().await,
+            sink: self.sink.describe(),
+        }
+    }
+
+    pub async fn health(&self) -> Health {
+        self.queue.health().await
+    }
+
+    pub fn dead_letters(&self) -> &Arc<dyn DeadLetterQueue> {
+        &self.dlq
+    }
+
+    /// Re-publishes dead letters (those with `ids`, or all) with a fresh attempt count.
+    pub async fn replay(&self, ids: Option<&[String]>) -> ReplayReport {
+        let (letters, not_found) = self.dlq.take(ids).await;
+        let mut report = ReplayReport {
+            not_found,
+            ..ReplayReport::default()
+        };
+        if letters.is_empty() {
+            return report;
+        }
+        let replay = self.replays.fetch_add(1, Ordering::Relaxed);
+        let events: Vec<Event> = letters
+            .iter()
+            .map(|letter| {
+                let mut event = letter.event.clone();
+                event.attempt = 0;
+                // A new dedupe key, so the queue does not discard the replay as a duplicate.
+                event
+                    .headers
+                    .insert(REPLAY_HEADER.to_owned(), format!("{}-{replay}", now_ms()));
+                event
+            })
+            .collect();
+        let mut refused = Vec::new();
+        for (letter, confirm) in letters.into_iter().zip(self.queue.publish(events).await) {
+            match confirm {
+                Ok(_) => report.replayed += 1,
+                Err(error) => {
+                    tracing::warn!(id = %letter.event.id, %error, "replay refused by the queue; kept in the DLQ");
+                    report.failed += 1;
+                    refused.push(letter);
+                }
+            }
+        }
+        if !refused.is_empty() {
+            self.dlq.put_back(refused).await;
+        }
+        report
+    }
+
+    async fn run_worker(self: Arc<Self>, worker: usize) {
+        let mut stop = self.stop.subscribe();
+        let mut consumer = match self.subscribe(&mut stop).await {
+            Some(consumer) => consumer,
+            None => return,
+        };
+        loop {
+            let stopping = *stop.borrow();
+            if stopping && self.drained().await {
+                break;
+            }
+            // Short waits while draining, so the "is it empty" check comes round often.
+            let wait = if stopping {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(500)
+            };
+            let batch = tokio::select! {
+                fetched = consumer.fetch(self.config.batch_size, wait) => fetched,
+                _ = stop.changed(), if !stopping => continue,
+            };
+            match batch {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
+                    self.counters.active.fetch_add(1, Ordering::Relaxed);
+                    self.process(batch).await;
+                    self.counters.active.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::warn!(worker, %error, "fetch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        tracing::debug!(worker, "worker stopped");
+    }
+
+    async fn subscribe(&self, stop: &mut watch::Receiver<bool>) -> Option<Box<dyn Consumer>> {
+        loop {
+            match self.queue.subscribe().await {
+                Ok(consumer) => return Some(consumer),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot subscribe to the queue; retrying");
+                    if *stop.borrow() {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Whether a stopping worker may exit: at once for a durable queue, when nothing is held
+    /// for the memory queue.
+    async fn drained(&self) -> bool {
+        let stats = self.queue.stats().await;
+        stats.durable || (stats.size == 0 && stats.in_flight == 0)
+    }
+
+    async fn process(&self, batch: Vec<Delivery>) {
+        let mut events = Vec::with_capacity(batch.len());
+        let mut handles = Vec::with_capacity(batch.len());
+        let mut duplicates = Vec::new();
+        {
+            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for delivery in batch {
+                if seen.contains(&delivery.event.id) {
+                    duplicates.push(delivery);
+                } else {
+                    let (event, handle) = delivery.into_parts();
+                    events.push(event);
+                    handles.push(handle);
+                }
+            }
+        }
+        if !duplicates.is_empty() {
+            self.counters
+                .duplicates
+                .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
+            for delivery in duplicates {
+                if let Err(error) = delivery.ack().await {
+                    tracing::warn!(%error, "ack of a duplicate delivery failed");
+                }
+            }
+        }
+        if events.is_empty() {
+            return;
+        }
+
+        let outcomes = self.run_pipeline(events).await;
+        let mut passed = Vec::with_capacity(outcomes.len());
+        let mut passed_handles = Vec::with_capacity(outcomes.len());
+        let mut failed = Vec::new();
+        for (outcome, handle) in outcomes.into_iter().zip(handles) {
+            match outcome {
+                Ok(event) => {
+                    passed.push(event);
+                    passed_handles.push(handle);
+                }
+                Err(failure) => failed.push((failure, handle)),
+            }
+        }
+
+        if !passed.is_empty() {
+            match self.sink.write(&passed, now_ms()).await {
+                Ok(()) => {
+                    {
+                        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                        for event in &passed {
+                            seen.insert(&event.id);
+                        }
+                    }
+                    self.counters
+                        .processed
+                        .fetch_add(passed.len() as u64, Ordering::Relaxed);
+                    for handle in passed_handles {
+                        settle(handle, Settlement::Ack).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, events = passed.len(), "sink write failed");
+                    let message = error.to_string();
+                    failed.extend(
+                        passed
+                            .into_iter()
+                            .zip(passed_handles)
+                            .map(|(event, handle)| {
+                                (
+                                    Failed {
+                                        event,
+                                        error: message.clone(),
+                                    },
+                                    handle,
+                                )
+                            }),
+                    );
+                }
+            }
+        }
+        if !failed.is_empty() {
+            self.fail(failed).await;
+        }
+    }
+
+    async fn run_pipeline(&self, events: Vec<Event>) -> Vec<Result<Event, Failed>> {
+        if !self.pipeline.is_cpu_heavy() {
+            return self.pipeline.run_batch(events);
+        }
+        let pipeline = self.pipeline.clone();
+        let count = events.len();
+        match tokio::task::spawn_blocking(move || pipeline.run_batch(events)).await {
+            Ok(outcomes) => outcomes,
+            // The batch's events went down with the panicking task; their handles, dropped
+            // unsettled below, send them back to the queue.
+            Err(error) => {
+                tracing::error!(%error, events = count, "pipeline task failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Retries with backoff, or dead-letters after the last attempt.
+    async fn fail(&self, failed: Vec<(Failed, Box<dyn DeliveryHandle>)>) {
+        let count = failed.len() as u64;
+        self.counters.errors.fetch_add(count, Ordering::Relaxed);
+        let mut dlq_full = 0u64;
+        let mut sample_error = None;
+        for (Failed { event, error }, handle) in failed {
+            let attempt = event.attempt;
+            if attempt < self.config.max_attempts {
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                settle(
+                    handle,
+                    Settlement::Nack {
+                        delay: self.config.backoff(attempt),
+                    },
+                )
+                .await;
+                sample_error.get_or_insert(error);
+                continue;
+            }
+            let letter = DeadLetter {
+                event,
+                error,
+                attempts: attempt,
+                failed_at_ms: now_ms(),
+            };
+            match self.dlq.push(letter).await {
+                Ok(()) => {
+                    self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    settle(handle, Settlement::Term).await;
+                }
+                Err(_) => {
+                    // Never drop: the event waits in the queue until the DLQ has room.
+                    dlq_full += 1;
+                    settle(
+                        handle,
+                        Settlement::Nack {
+                            delay: self.config.backoff_max,
+                        },
+                    )
+                    .await;
+                }
+            }
+        }
+        if let Some(error) = sample_error {
+            tracing::debug!(failed = count, error = %error, "events failed; retrying with backoff");
+        }
+        if dlq_full > 0 {
+            tracing::error!(
+                events = dlq_full,
+                "dead-letter queue is full; events kept in the queue"
+            );
+        }
+    }
+}
+
+async fn settle(handle: Box<dyn DeliveryHandle>, settlement: Settlement) {
+    if let Err(error) = handle.settle(settlement).await {
+        tracing::warn!(%error, ?settlement, "settling a delivery failed; it will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dlq::MemoryDeadLetters;
+    use crate::sink::FileSink;
+    use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let config = ProcessorConfig {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(350),
+            ..ProcessorConfig::default()
+        };
+        assert_eq!(config.backoff(1), Duration::from_millis(100));
+        assert_eq!(config.backoff(2), Duration::from_millis(200));
+        assert_eq!(config.backoff(3), Duration::from_millis(350));
+        assert_eq!(config.backoff(60), Duration::from_millis(350));
+    }
+
+    fn event(id: &str, poison: bool) -> Event {
+        let mut event = conveyor_queue::conformance::event(id);
+        if poison {
+            event.metadata.insert("poison".into(), "yes".into());
+        }
+        event
+    }
+
+    #[tokio::test]
+    async fn writes_good_events_once_and_dead_letters_poison_after_max_attempts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.ndjson");
+        let queue = MemoryQueue::new(MemoryQueueConfig::default());
+        let processor = Processor::new(
+            Arc::new(queue.clone()),
+            Pipeline::parse(&["fail-if:poison=yes".into()]).expect("pipeline"),
+            Arc::new(FileSink::open(&path).expect("sink")),
+            Arc::new(MemoryDeadLetters::new(10)),
+            ProcessorConfig {
+                workers: 2,
+                max_attempts: 3,
+                backoff_initial: Duration::from_millis(5),
+                ..ProcessorConfig::default()
+            },
+        );
+        let mut events: Vec<Event> = (0..100).map(|i| event(&format!("ok-{i}"), false)).collect();
+        events.push(event("bad", true));
+        queue.try_publish(events);
+        let mut workers = processor.start();
+        assert!(
+            processor.drain(&mut workers, Duration::from_secs(10)).await,
+            "drains"
+        );
+
+        let text = std::fs::read_to_string(&path).expect("sink file");
+        assert_eq!(text.lines().count(), 100, "every good event written once");
+        let stats = processor.stats().await;
+        assert_eq!(stats.pool.processed, 100);
+        assert_eq!(stats.pool.dead_lettered, 1);
+        assert_eq!(
+            stats.pool.retried, 2,
+            "two retries before the third, last attempt"
+        );
+        let (size, letters) = processor.dead_letters().list(10).await;
+        assert_eq!(size, 1);
+        assert_eq!(letters[0].attempts, 3);
+        assert!(letters[0].error.contains("fail-if"));
+        assert_eq!((stats.queue.size, stats.queue.in_flight), (0, 0));
+    }
+}
