@@ -8,6 +8,7 @@
 //! - [`body`]: request bodies read with a size limit and checked content type.
 
 pub mod body;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -137,6 +138,39 @@ pub fn health_routes(readiness: Readiness) -> Router {
                 }
             }),
         )
+}
+
+/// Completes a service's router: adds `/health`, `/ready`, `/metrics` (HTTP metrics followed by
+/// what `render` appends), a JSON 404 for unknown paths, and request metrics on every route.
+pub fn service_router<F, Fut>(
+    routes: Router,
+    readiness: Readiness,
+    http_metrics: metrics::HttpMetrics,
+    render: F,
+) -> Router
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
+    let scrape_metrics = http_metrics.clone();
+    let metrics_route = get(move || {
+        let render = render.clone();
+        let scrape_metrics = scrape_metrics.clone();
+        async move {
+            let mut out = String::with_capacity(8192);
+            scrape_metrics.render(&mut out);
+            out.push_str(&render().await);
+            ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], out)
+        }
+    });
+    routes
+        .merge(health_routes(readiness))
+        .route("/metrics", metrics_route)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            http_metrics,
+            metrics::HttpMetrics::layer,
+        ))
 }
 
 /// Binds `host:port` (port 0 picks a free one).

@@ -43,6 +43,11 @@ impl IngestGrpc {
             .max_encoding_message_size(max_message_bytes.max(4 * 1024 * 1024))
     }
 
+    /// The service as axum routes, to merge with a service's HTTP routes on one port.
+    pub fn into_router(self, max_message_bytes: usize) -> axum::Router {
+        tonic::service::Routes::new(self.into_server(max_message_bytes)).into_axum_router()
+    }
+
     async fn submit(&self, requests: Vec<IngestRequest>) -> Vec<Result<String, ApiError>> {
         if let Err(error) = self.readiness.check() {
             return vec![Err(error); requests.len()];

@@ -210,3 +210,24 @@ fn batch_response(results: Vec<Result<String, ApiError>>) -> Response {
     }
     response
 }
+
+/// `GET /stats` of an ingest instance: `{"healthy":…,"error":…,"stats":{…}}`.
+pub fn stats_route(ingest: Arc<crate::Ingest>) -> Router {
+    Router::new().route(
+        "/stats",
+        axum::routing::get(move || {
+            let ingest = Arc::clone(&ingest);
+            async move {
+                let (healthy, error) = match ingest.health().await {
+                    conveyor_queue::Health::Healthy => (true, None),
+                    conveyor_queue::Health::Unhealthy(reason) => (false, Some(reason)),
+                };
+                axum::Json(serde_json::json!({
+                    "healthy": healthy,
+                    "error": error,
+                    "stats": ingest.stats(),
+                }))
+            }
+        }),
+    )
+}

@@ -1,1 +1,71 @@
-fn main() {}
+//! `conveyor`: one binary, one subcommand per role.
+
+mod cli;
+mod roles;
+mod shutdown;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+
+/// Exit code for bad configuration (EX_USAGE in sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return match error.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_CONFIG),
+            };
+        }
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(roles::run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(roles::Failure::Config(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(roles::Failure::Runtime(error)) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr (stdout carries the listening line and the stdout sink).
+/// `CONVEYOR_LOG` (or `RUST_LOG`) sets the filter; `CONVEYOR_LOG_FORMAT=json` switches format.
+fn init_logging() {
+    let filter = std::env::var("CONVEYOR_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|error| {
+        eprintln!("warning: CONVEYOR_LOG '{filter}' is not a valid filter ({error}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if std::env::var("CONVEYOR_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

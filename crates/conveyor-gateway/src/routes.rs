@@ -1,0 +1,158 @@
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use conveyor_api::metrics::{self, HttpMetrics};
+use conveyor_api::{HttpError, Readiness, service_router};
+use conveyor_core::ApiError;
+use conveyor_core::stats::ReplayReport;
+use conveyor_ingest::grpc::IngestGrpc;
+use conveyor_ingest::http::{self as ingest_http, HttpLimits};
+use conveyor_processor::http::{
+    DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery, parse_replay_request,
+};
+use futures_util::future::join_all;
+
+use crate::peers::{IngestPeer, ProcessorPeer};
+use crate::{Intake, status};
+
+/// Everything the gateway's routes need.
+#[derive(Clone)]
+pub struct Gateway {
+    pub intake: Arc<dyn Intake>,
+    pub ingests: Vec<Arc<dyn IngestPeer>>,
+    pub processors: Vec<Arc<dyn ProcessorPeer>>,
+    pub readiness: Readiness,
+    pub limits: HttpLimits,
+    pub metrics: HttpMetrics,
+}
+
+/// The gateway's HTTP and gRPC routes, on one port.
+pub fn router(gateway: Gateway) -> Router {
+    let grpc = IngestGrpc::new(
+        Arc::clone(&gateway.intake),
+        gateway.readiness.clone(),
+        gateway.limits.max_batch_events,
+    )
+    .into_router(gateway.limits.max_body_bytes);
+    let api = Router::new()
+        .route("/api/v1/status", get(system_status))
+        .route("/api/v1/dlq", get(list_dead_letters))
+        .route("/api/v1/dlq/replay", post(replay))
+        .with_state(gateway.clone());
+    let routes = Router::new()
+        .merge(ingest_http::routes(
+            Arc::clone(&gateway.intake),
+            gateway.readiness.clone(),
+            gateway.limits.clone(),
+            "/api/v1/ingest",
+            "/api/v1/ingest/batch",
+        ))
+        .merge(api)
+        .merge(grpc);
+    let scrape = gateway.clone();
+    service_router(
+        routes,
+        gateway.readiness.clone(),
+        gateway.metrics.clone(),
+        move || render_metrics(scrape.clone()),
+    )
+}
+
+async fn system_status(State(gateway): State<Gateway>) -> axum::Json<status::SystemStatus> {
+    axum::Json(
+        status::collect(
+            &gateway.ingests,
+            &gateway.processors,
+            gateway.readiness.is_ready(),
+        )
+        .await,
+    )
+}
+
+/// The system-wide figures, from the same aggregation as `/api/v1/status`.
+async fn render_metrics(gateway: Gateway) -> String {
+    let status = status::collect(
+        &gateway.ingests,
+        &gateway.processors,
+        gateway.readiness.is_ready(),
+    )
+    .await;
+    let mut out = String::with_capacity(4096);
+    metrics::render_ingest(&mut out, &status.ingest.stats);
+    metrics::render_processor(&mut out, &status.processor.stats);
+    metrics::render_health(&mut out, status.status == "ok");
+    out
+}
+
+/// Every processor's dead letters, up to `limit` in all.
+async fn list_dead_letters(
+    State(gateway): State<Gateway>,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(DEFAULT_DLQ_LIST_LIMIT);
+    let lists = join_all(gateway.processors.iter().map(|p| p.dead_letters(limit))).await;
+    let mut merged = DeadLetterList {
+        size: 0,
+        events: Vec::new(),
+    };
+    for (processor, list) in gateway.processors.iter().zip(lists) {
+        match list {
+            Ok(list) => {
+                merged.size += list.size;
+                merged.events.extend(list.events);
+            }
+            Err(error) => {
+                return HttpError(ApiError::unavailable(format!(
+                    "processor {} could not list its DLQ: {error}",
+                    processor.name()
+                )))
+                .into_response();
+            }
+        }
+    }
+    merged.events.truncate(limit);
+    axum::Json(merged).into_response()
+}
+
+/// Replays on every processor; an id is "not found" only if no processor had it.
+async fn replay(State(gateway): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+    let request = match parse_replay_request(&headers, body, gateway.limits.max_body_bytes).await {
+        Ok(request) => request,
+        Err(error) => return HttpError(error).into_response(),
+    };
+    let ids = request.ids.as_deref();
+    let reports = join_all(gateway.processors.iter().map(|p| p.replay(ids))).await;
+    let mut merged = ReplayReport::default();
+    let mut not_found_everywhere: Option<Vec<String>> = None;
+    for (processor, report) in gateway.processors.iter().zip(reports) {
+        match report {
+            Ok(report) => {
+                merged.replayed += report.replayed;
+                merged.failed += report.failed;
+                not_found_everywhere = Some(match not_found_everywhere {
+                    None => report.not_found,
+                    Some(so_far) => so_far
+                        .into_iter()
+                        .filter(|id| report.not_found.contains(id))
+                        .collect(),
+                });
+            }
+            Err(error) => {
+                tracing::warn!(processor = %processor.name(), %error, "DLQ replay failed on a processor");
+                return HttpError(ApiError::unavailable(format!(
+                    "processor {} could not replay: {error} ({} events were replayed elsewhere)",
+                    processor.name(),
+                    merged.replayed
+                )))
+                .into_response();
+            }
+        }
+    }
+    merged.not_found = not_found_everywhere.unwrap_or_default();
+    axum::Json(merged).into_response()
+}

@@ -1,0 +1,189 @@
+//! `GET /api/v1/status`: every instance asked at once, summed into `totals`.
+
+use std::sync::Arc;
+
+use conveyor_core::stats::{IngestStats, PoolStats, ProcessorStats, QueueStats, Totals};
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::peers::{IngestPeer, ProcessorPeer, Report};
+
+#[derive(Debug, Serialize)]
+pub struct Instance {
+    pub role: &'static str,
+    pub url: String,
+    pub healthy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub stats: serde_json::Value,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoleSummary<T> {
+    pub healthy: bool,
+    pub stats: T,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GatewaySummary {
+    pub healthy: bool,
+    pub ready: bool,
+}
+
+/// The whole system as the gateway sees it.
+#[derive(Debug, Serialize)]
+pub struct SystemStatus {
+    /// `ok` when every instance is healthy, else `degraded`.
+    pub status: &'static str,
+    pub gateway: GatewaySummary,
+    pub ingest: RoleSummary<IngestStats>,
+    pub processor: RoleSummary<ProcessorStats>,
+    pub instances: Vec<Instance>,
+    pub totals: Totals,
+}
+
+pub async fn collect(
+    ingests: &[Arc<dyn IngestPeer>],
+    processors: &[Arc<dyn ProcessorPeer>],
+    ready: bool,
+) -> SystemStatus {
+    let (ingest_reports, processor_reports) = tokio::join!(
+        join_all(
+            ingests
+                .iter()
+                .map(|p| async move { (p.name(), p.report().await) })
+        ),
+        join_all(
+            processors
+                .iter()
+                .map(|p| async move { (p.name(), p.report().await) })
+        ),
+    );
+    let mut instances = Vec::new();
+    let ingest = RoleSummary {
+        healthy: all_healthy(&ingest_reports),
+        stats: sum_ingest(&ingest_reports),
+    };
+    let processor = RoleSummary {
+        healthy: all_healthy(&processor_reports),
+        stats: sum_processors(&processor_reports),
+    };
+    push_instances(&mut instances, "ingest", ingest_reports);
+    push_instances(&mut instances, "processor", processor_reports);
+    let totals = totals(&ingest.stats, &processor.stats);
+    let healthy = ingest.healthy && processor.healthy;
+    SystemStatus {
+        status: if healthy && ready { "ok" } else { "degraded" },
+        gateway: GatewaySummary {
+            healthy: true,
+            ready,
+        },
+        ingest,
+        processor,
+        instances,
+        totals,
+    }
+}
+
+fn all_healthy<T>(reports: &[(String, Report<T>)]) -> bool {
+    reports.iter().all(|(_, r)| r.healthy)
+}
+
+fn push_instances<T: Serialize>(
+    instances: &mut Vec<Instance>,
+    role: &'static str,
+    reports: Vec<(String, Report<T>)>,
+) {
+    for (url, report) in reports {
+        instances.push(Instance {
+            role,
+            url,
+            healthy: report.healthy,
+            error: report.error,
+            stats: report
+                .stats
+                .and_then(|s| serde_json::to_value(s).ok())
+                .unwrap_or(serde_json::Value::Null),
+        });
+    }
+}
+
+fn sum_ingest(reports: &[(String, Report<IngestStats>)]) -> IngestStats {
+    let mut sum = IngestStats::default();
+    for stats in reports.iter().filter_map(|(_, r)| r.stats.as_ref()) {
+        sum.accepted += stats.accepted;
+        sum.rejected_invalid += stats.rejected_invalid;
+        sum.rejected_full += stats.rejected_full;
+        sum.rejected_unavailable += stats.rejected_unavailable;
+    }
+    sum
+}
+
+fn sum_processors(reports: &[(String, Report<ProcessorStats>)]) -> ProcessorStats {
+    let all: Vec<&ProcessorStats> = reports
+        .iter()
+        .filter_map(|(_, r)| r.stats.as_ref())
+        .collect();
+    let mut pool = PoolStats::default();
+    for stats in &all {
+        let p = &stats.pool;
+        pool.processed += p.processed;
+        pool.errors += p.errors;
+        pool.retried += p.retried;
+        pool.dead_lettered += p.dead_lettered;
+        pool.duplicates += p.duplicates;
+        pool.workers += p.workers;
+        pool.active += p.active;
+    }
+    ProcessorStats {
+        queue: sum_queues(all.iter().map(|s| &s.queue)),
+        pool,
+        dlq_size: all.iter().map(|s| s.dlq_size).sum(),
+        sink: all.first().map(|s| s.sink.clone()).unwrap_or_default(),
+    }
+}
+
+/// Memory queues are one per processor, so they add up. Processors on a broker all see the
+/// same stream, so adding would count it once per processor: take the largest view instead.
+fn sum_queues<'a>(queues: impl Iterator<Item = &'a QueueStats>) -> QueueStats {
+    let mut sum = QueueStats::default();
+    for (i, q) in queues.enumerate() {
+        if i == 0 {
+            sum = q.clone();
+        } else if q.durable {
+            sum.size = sum.size.max(q.size);
+            sum.in_flight += q.in_flight;
+            sum.capacity = sum.capacity.max(q.capacity);
+            sum.published = sum.published.max(q.published);
+            sum.duplicates = sum.duplicates.max(q.duplicates);
+            sum.acked += q.acked;
+            sum.nacked += q.nacked;
+            sum.terminated += q.terminated;
+            sum.redelivered += q.redelivered;
+        } else {
+            sum.size += q.size;
+            sum.in_flight += q.in_flight;
+            sum.capacity += q.capacity;
+            sum.published += q.published;
+            sum.duplicates += q.duplicates;
+            sum.acked += q.acked;
+            sum.nacked += q.nacked;
+            sum.terminated += q.terminated;
+            sum.redelivered += q.redelivered;
+        }
+    }
+    sum
+}
+
+fn totals(ingest: &IngestStats, processor: &ProcessorStats) -> Totals {
+    Totals {
+        accepted: ingest.accepted,
+        processed: processor.pool.processed,
+        failed: processor.pool.errors,
+        retried: processor.pool.retried,
+        dead_lettered: processor.pool.dead_lettered,
+        duplicates: processor.pool.duplicates + processor.queue.duplicates,
+        rejected: ingest.rejected_invalid + ingest.rejected_full + ingest.rejected_unavailable,
+        pending: processor.queue.size + processor.queue.in_flight,
+    }
+}

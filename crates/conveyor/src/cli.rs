@@ -1,0 +1,277 @@
+//! The command line. Every flag has an environment variable; the seed's names (`API_PORT`,
+//! `QUEUE_SIZE`, …) are those variables.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "conveyor",
+    version,
+    about = "Takes in streams of events over HTTP and gRPC and processes every one of them."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Gateway, ingest and processor in one process, on the memory queue, on one port.
+    Run(RunArgs),
+    /// The front door: HTTP and gRPC ingest, status, DLQ; forwards to ingest over gRPC.
+    Gateway(GatewayArgs),
+    /// Validates events, gives them ids, publishes them to the queue.
+    Ingest(IngestArgs),
+    /// Consumes the queue with a worker pool and writes to the sink.
+    Processor(ProcessorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "CONVEYOR_HOST",
+        value_name = "CONVEYOR_HOST",
+        default_value = "0.0.0.0"
+    )]
+    pub host: String,
+
+    /// Longest wait on shutdown for in-flight work to finish, in seconds.
+    #[arg(
+        long,
+        env = "CONVEYOR_DRAIN_TIMEOUT_SECS",
+        value_name = "CONVEYOR_DRAIN_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub drain_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct IntakeArgs {
+    /// Largest request body (and gRPC message) in bytes.
+    #[arg(long, env = "CONVEYOR_MAX_BODY_BYTES", value_name = "CONVEYOR_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
+    pub max_body_bytes: u64,
+
+    /// Most events in one batch request.
+    #[arg(long, env = "CONVEYOR_MAX_BATCH_EVENTS", value_name = "CONVEYOR_MAX_BATCH_EVENTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_batch_events: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    Memory,
+    Nats,
+    Kafka,
+    Composite,
+}
+
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    /// Queue backend.
+    #[arg(
+        long,
+        env = "QUEUE_TYPE",
+        value_name = "QUEUE_TYPE",
+        value_enum,
+        default_value = "memory"
+    )]
+    pub queue_type: QueueType,
+
+    /// Capacity of the memory queue: most events held at once.
+    #[arg(long, env = "QUEUE_SIZE", value_name = "QUEUE_SIZE", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub queue_size: u64,
+
+    /// How many recent event ids the memory queue remembers to discard duplicate publishes.
+    #[arg(
+        long,
+        env = "CONVEYOR_QUEUE_DEDUPE_WINDOW",
+        value_name = "CONVEYOR_QUEUE_DEDUPE_WINDOW",
+        default_value_t = 100_000
+    )]
+    pub queue_dedupe_window: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    /// Workers in the pool.
+    #[arg(long, env = "PROCESSOR_WORKERS", value_name = "PROCESSOR_WORKERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
+
+    /// Where processed events go: file:PATH, stdout or blackhole.
+    #[arg(long, env = "CONVEYOR_SINK", value_name = "CONVEYOR_SINK", default_value = "file:./data/out.ndjson",
+          value_parser = parse_sink_spec)]
+    pub sink: String,
+
+    /// Pipeline stages in order (repeat the flag, or separate with ';'): json, require:a,b,
+    /// set-metadata:k=v, fail-if:k=v, cpu:N.
+    #[arg(
+        long = "stage",
+        env = "CONVEYOR_STAGES",
+        value_name = "CONVEYOR_STAGES",
+        value_delimiter = ';'
+    )]
+    pub stages: Vec<String>,
+
+    /// Deliveries of one event before it goes to the dead-letter queue.
+    #[arg(long, env = "CONVEYOR_MAX_ATTEMPTS", value_name = "CONVEYOR_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+
+    /// Delay before the first retry, in milliseconds; doubles per attempt.
+    #[arg(
+        long,
+        env = "CONVEYOR_RETRY_BACKOFF_MS",
+        value_name = "CONVEYOR_RETRY_BACKOFF_MS",
+        default_value_t = 100
+    )]
+    pub retry_backoff_ms: u64,
+
+    /// Longest delay between retries, in milliseconds.
+    #[arg(
+        long,
+        env = "CONVEYOR_RETRY_BACKOFF_MAX_MS",
+        value_name = "CONVEYOR_RETRY_BACKOFF_MAX_MS",
+        default_value_t = 30_000
+    )]
+    pub retry_backoff_max_ms: u64,
+
+    /// Most events a worker takes from the queue at once.
+    #[arg(long, env = "CONVEYOR_BATCH_SIZE", value_name = "CONVEYOR_BATCH_SIZE", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch_size: u64,
+
+    /// How many processed ids are remembered to skip redeliveries.
+    #[arg(
+        long,
+        env = "CONVEYOR_DEDUPE_WINDOW",
+        value_name = "CONVEYOR_DEDUPE_WINDOW",
+        default_value_t = 100_000
+    )]
+    pub dedupe_window: usize,
+
+    /// Most events the dead-letter queue holds.
+    #[arg(long, env = "CONVEYOR_DLQ_CAPACITY", value_name = "CONVEYOR_DLQ_CAPACITY", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub dlq_capacity: u64,
+}
+
+fn parse_sink_spec(spec: &str) -> Result<String, String> {
+    match spec.split_once(':') {
+        Some(("file", path)) if !path.is_empty() => Ok(spec.to_owned()),
+        None if spec == "stdout" || spec == "blackhole" => Ok(spec.to_owned()),
+        _ => Err("expected file:PATH, stdout or blackhole".into()),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Port for the HTTP and gRPC API (0 picks a free one).
+    #[arg(
+        long,
+        env = "API_PORT",
+        value_name = "API_PORT",
+        default_value_t = 8080
+    )]
+    pub port: u16,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub intake: IntakeArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[arg(
+        long,
+        env = "API_PORT",
+        value_name = "API_PORT",
+        default_value_t = 8080
+    )]
+    pub port: u16,
+    /// Ingest services to forward to, comma-separated; load is spread over them.
+    #[arg(long, env = "INGEST_URL", value_name = "INGEST_URL", default_value = "http://127.0.0.1:8081",
+          value_delimiter = ',', value_parser = parse_http_url)]
+    pub ingest_url: Vec<String>,
+    /// Processors to report on and reach for the DLQ, comma-separated.
+    #[arg(long, env = "PROCESSOR_URL", value_name = "PROCESSOR_URL", default_value = "http://127.0.0.1:8082",
+          value_delimiter = ',', value_parser = parse_http_url)]
+    pub processor_url: Vec<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub intake: IntakeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    #[arg(
+        long,
+        env = "INGEST_PORT",
+        value_name = "INGEST_PORT",
+        default_value_t = 8081
+    )]
+    pub port: u16,
+    /// The processor holding the memory queue (split mode with QUEUE_TYPE=memory).
+    #[arg(long, env = "PROCESSOR_URL", value_name = "PROCESSOR_URL", default_value = "http://127.0.0.1:8082",
+          value_parser = parse_http_url)]
+    pub processor_url: String,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub intake: IntakeArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProcessorArgs {
+    #[arg(
+        long,
+        env = "PROCESSOR_PORT",
+        value_name = "PROCESSOR_PORT",
+        default_value_t = 8082
+    )]
+    pub port: u16,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub intake: IntakeArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+}
+
+fn parse_http_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("'{url}' must start with http://"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err(format!("'{url}' has no host"));
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("'{url}' has an invalid port"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}

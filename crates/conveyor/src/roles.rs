@@ -1,0 +1,324 @@
+//! Each role wired from its configuration: what it builds, what it serves, how it stops.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use conveyor_api::metrics::{self, HttpMetrics};
+use conveyor_api::{Readiness, bind, serve, service_router};
+use conveyor_core::Limits;
+use conveyor_gateway::peers::{LocalIngest, LocalProcessor, Remote, RemoteIngest, RemoteProcessor};
+use conveyor_gateway::{Gateway, IngestPeer, ProcessorPeer};
+use conveyor_ingest::grpc::IngestGrpc;
+use conveyor_ingest::http::{self as ingest_http, HttpLimits};
+use conveyor_ingest::{EnqueueForwarder, Ingest, Intake, RemoteIntake};
+use conveyor_processor::dlq::MemoryDeadLetters;
+use conveyor_processor::pipeline::Pipeline;
+use conveyor_processor::{Processor, ProcessorConfig, sink};
+use conveyor_queue::{MemoryQueue, MemoryQueueConfig, Publisher, Queue};
+use tokio::net::TcpListener;
+
+use crate::cli::{
+    Command, GatewayArgs, IngestArgs, IntakeArgs, PoolArgs, ProcessorArgs, QueueArgs, QueueType,
+    RunArgs,
+};
+use crate::shutdown;
+
+pub enum Failure {
+    /// Bad configuration: exit code 64.
+    Config(String),
+    Runtime(anyhow::Error),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        Failure::Runtime(error.into())
+    }
+}
+
+pub async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Run(args) => all_in_one(args).await,
+        Command::Gateway(args) => gateway(args).await,
+        Command::Ingest(args) => ingest(args).await,
+        Command::Processor(args) => processor(args).await,
+    }
+}
+
+async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
+    let (processor, queue) = build_processor(&args.queue, &args.pool)?;
+    let readiness = Readiness::default();
+    let ingest = Arc::new(Ingest::new(
+        queue.clone() as Arc<dyn Publisher>,
+        Limits::default(),
+    ));
+    let gateway = Gateway {
+        intake: Arc::clone(&ingest) as Arc<dyn Intake>,
+        ingests: vec![Arc::new(LocalIngest(ingest)) as Arc<dyn IngestPeer>],
+        processors: vec![Arc::new(LocalProcessor(Arc::clone(&processor))) as Arc<dyn ProcessorPeer>],
+        readiness: readiness.clone(),
+        limits: http_limits(&args.intake),
+        metrics: HttpMetrics::default(),
+    };
+    let (listener, addr) = listen(&args.serve.host, args.port, "API_PORT").await?;
+    announce("run", addr);
+    let url = display_url(addr);
+    println!("  ingest     POST {url}/api/v1/ingest   (batch: POST {url}/api/v1/ingest/batch)");
+    println!("  status     GET  {url}/api/v1/status");
+    println!("  dlq        GET  {url}/api/v1/dlq");
+    println!("  metrics    GET  {url}/metrics");
+    println!("  grpc       conveyor.v1.IngestService at {url}");
+    println!("  sink       {}", args.pool.sink);
+    let mut workers = processor.start();
+    serve_until_signal(
+        listener,
+        conveyor_gateway::router(gateway),
+        readiness,
+        args.serve.drain_timeout(),
+    )
+    .await?;
+    queue.close().await;
+    drain(&processor, &mut workers, args.serve.drain_timeout()).await;
+    Ok(())
+}
+
+async fn gateway(args: GatewayArgs) -> Result<(), Failure> {
+    let limits = http_limits(&args.intake);
+    let intake = RemoteIntake::new(&args.ingest_url, limits.max_body_bytes)
+        .map_err(|e| Failure::Config(format!("INGEST_URL (--ingest-url): {e}")))?;
+    let readiness = Readiness::default();
+    let gateway = Gateway {
+        intake: Arc::new(intake),
+        ingests: args
+            .ingest_url
+            .iter()
+            .map(|url| Arc::new(RemoteIngest(Remote::new(url))) as Arc<dyn IngestPeer>)
+            .collect(),
+        processors: args
+            .processor_url
+            .iter()
+            .map(|url| Arc::new(RemoteProcessor(Remote::new(url))) as Arc<dyn ProcessorPeer>)
+            .collect(),
+        readiness: readiness.clone(),
+        limits,
+        metrics: HttpMetrics::default(),
+    };
+    let (listener, addr) = listen(&args.serve.host, args.port, "API_PORT").await?;
+    announce("gateway", addr);
+    serve_until_signal(
+        listener,
+        conveyor_gateway::router(gateway),
+        readiness,
+        args.serve.drain_timeout(),
+    )
+    .await
+}
+
+async fn ingest(args: IngestArgs) -> Result<(), Failure> {
+    memory_only(args.queue.queue_type)?;
+    // With the memory queue, the queue lives in the processor: hand events to it.
+    let publisher: Arc<dyn Publisher> = Arc::new(EnqueueForwarder::new(&args.processor_url));
+    let ingest = Arc::new(Ingest::new(publisher, Limits::default()));
+    let readiness = Readiness::default();
+    let limits = http_limits(&args.intake);
+    let routes = Router::new()
+        .merge(ingest_http::routes(
+            Arc::clone(&ingest) as Arc<dyn Intake>,
+            readiness.clone(),
+            limits.clone(),
+            "/ingest",
+            "/ingest/batch",
+        ))
+        .merge(ingest_http::stats_route(Arc::clone(&ingest)))
+        .merge(
+            IngestGrpc::new(
+                Arc::clone(&ingest) as Arc<dyn Intake>,
+                readiness.clone(),
+                limits.max_batch_events,
+            )
+            .into_router(limits.max_body_bytes),
+        );
+    let scraped = Arc::clone(&ingest);
+    let router = service_router(
+        routes,
+        readiness.clone(),
+        HttpMetrics::default(),
+        move || {
+            let ingest = Arc::clone(&scraped);
+            async move {
+                let mut out = String::new();
+                metrics::render_ingest(&mut out, &ingest.stats());
+                metrics::render_health(
+                    &mut out,
+                    ingest.health().await == conveyor_queue::Health::Healthy,
+                );
+                out
+            }
+        },
+    );
+    let (listener, addr) = listen(&args.serve.host, args.port, "INGEST_PORT").await?;
+    announce("ingest", addr);
+    serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await
+}
+
+async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
+    let (processor, queue) = build_processor(&args.queue, &args.pool)?;
+    let readiness = Readiness::default();
+    let routes = conveyor_processor::http::routes(
+        Arc::clone(&processor),
+        readiness.clone(),
+        Limits::default(),
+        usize::try_from(args.intake.max_body_bytes).unwrap_or(usize::MAX),
+    );
+    let scraped = Arc::clone(&processor);
+    let router = service_router(
+        routes,
+        readiness.clone(),
+        HttpMetrics::default(),
+        move || {
+            let processor = Arc::clone(&scraped);
+            async move {
+                let mut out = String::new();
+                metrics::render_processor(&mut out, &processor.stats().await);
+                metrics::render_health(
+                    &mut out,
+                    processor.health().await == conveyor_queue::Health::Healthy,
+                );
+                out
+            }
+        },
+    );
+    let (listener, addr) = listen(&args.serve.host, args.port, "PROCESSOR_PORT").await?;
+    announce("processor", addr);
+    let mut workers = processor.start();
+    serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await?;
+    queue.close().await;
+    drain(&processor, &mut workers, args.serve.drain_timeout()).await;
+    Ok(())
+}
+
+fn memory_only(queue_type: QueueType) -> Result<(), Failure> {
+    match queue_type {
+        QueueType::Memory => Ok(()),
+        other => Err(Failure::Config(format!(
+            "QUEUE_TYPE (--queue-type) '{}' is not available in this build yet; use memory",
+            format!("{other:?}").to_lowercase()
+        ))),
+    }
+}
+
+fn build_processor(
+    queue_args: &QueueArgs,
+    pool: &PoolArgs,
+) -> Result<(Arc<Processor>, Arc<MemoryQueue>), Failure> {
+    memory_only(queue_args.queue_type)?;
+    let pipeline = Pipeline::parse(&pool.stages)
+        .map_err(|e| Failure::Config(format!("CONVEYOR_STAGES (--stage): {e}")))?;
+    let sink = sink::parse(&pool.sink)
+        .map_err(|e| Failure::Config(format!("CONVEYOR_SINK (--sink): {e}")))?;
+    if pool.retry_backoff_max_ms < pool.retry_backoff_ms {
+        return Err(Failure::Config(
+            "CONVEYOR_RETRY_BACKOFF_MAX_MS (--retry-backoff-max-ms) must not be below CONVEYOR_RETRY_BACKOFF_MS".into(),
+        ));
+    }
+    let queue = Arc::new(MemoryQueue::new(MemoryQueueConfig {
+        capacity: to_usize(queue_args.queue_size),
+        dedupe_window: queue_args.queue_dedupe_window,
+    }));
+    let processor = Processor::new(
+        Arc::clone(&queue) as Arc<dyn Queue>,
+        pipeline,
+        sink,
+        Arc::new(MemoryDeadLetters::new(to_usize(pool.dlq_capacity))),
+        ProcessorConfig {
+            workers: to_usize(pool.workers),
+            batch_size: to_usize(pool.batch_size),
+            max_attempts: pool.max_attempts,
+            backoff_initial: Duration::from_millis(pool.retry_backoff_ms),
+            backoff_max: Duration::from_millis(pool.retry_backoff_max_ms),
+            dedupe_window: pool.dedupe_window,
+        },
+    );
+    Ok((processor, queue))
+}
+
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+fn http_limits(args: &IntakeArgs) -> HttpLimits {
+    HttpLimits {
+        max_body_bytes: to_usize(args.max_body_bytes),
+        max_batch_events: to_usize(args.max_batch_events),
+    }
+}
+
+async fn listen(
+    host: &str,
+    port: u16,
+    port_env: &str,
+) -> Result<(TcpListener, SocketAddr), Failure> {
+    bind(host, port).await.map_err(|e| {
+        Failure::Config(format!(
+            "cannot listen on {host}:{port} (CONVEYOR_HOST / {port_env}): {e}"
+        ))
+    })
+}
+
+/// The line scripts and tests wait for: the bound address, after any port-0 choice.
+fn announce(role: &str, addr: SocketAddr) {
+    println!("conveyor {role} listening on http://{addr}");
+    tracing::info!(role, %addr, "listening");
+}
+
+fn display_url(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Serves until SIGTERM/SIGINT; then readiness goes false at once (new intake gets 503), the
+/// listener closes, and in-flight requests get up to `drain_timeout` to finish.
+async fn serve_until_signal(
+    listener: TcpListener,
+    router: Router,
+    readiness: Readiness,
+    drain_timeout: Duration,
+) -> Result<(), Failure> {
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown::signal().await;
+        tracing::info!("shutdown requested: refusing new events, finishing in-flight work");
+        readiness.shut_down();
+        let _ = signalled.send(());
+    };
+    let server = serve(listener, router, shutdown);
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served?,
+        () = async {
+            if on_signal.await.is_ok() {
+                tokio::time::sleep(drain_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+        }
+    }
+    Ok(())
+}
+
+async fn drain(processor: &Processor, workers: &mut tokio::task::JoinSet<()>, timeout: Duration) {
+    if processor.drain(workers, timeout).await {
+        let stats = processor.stats().await;
+        tracing::info!(
+            processed = stats.pool.processed,
+            dead_lettered = stats.pool.dead_lettered,
+            "drained; exiting"
+        );
+    }
+}
