@@ -34,10 +34,13 @@ struct RouteMetrics {
     duration: Histogram,
 }
 
+/// (route pattern, method)
+type RouteKey = (String, String);
+
 /// Per-route request counts and durations.
 #[derive(Clone, Default)]
 pub struct HttpMetrics {
-    routes: Arc<Mutex<HashMap<(String, String), Arc<RouteMetrics>>>>,
+    routes: Arc<Mutex<HashMap<RouteKey, Arc<RouteMetrics>>>>,
 }
 
 impl HttpMetrics {
@@ -83,7 +86,7 @@ impl HttpMetrics {
 
     /// Appends `http_requests_total` and `http_request_duration_seconds`.
     pub fn render(&self, out: &mut String) {
-        let routes: Vec<((String, String), Arc<RouteMetrics>)> = {
+        let routes: Vec<(RouteKey, Arc<RouteMetrics>)> = {
             let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             let mut list: Vec<_> = routes
                 .iter()

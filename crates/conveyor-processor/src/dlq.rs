@@ -56,7 +56,8 @@ pub trait DeadLetterQueue: Send + Sync + 'static {
     /// Returns letters taken for a replay that the queue refused.
     async fn put_back(&self, letters: Vec<DeadLetter>);
 
-    async fn len(&self) -> u64;
+    /// How many dead letters are held.
+    async fn size(&self) -> u64;
 }
 
 /// A bounded in-memory DLQ.
@@ -120,7 +121,7 @@ impl DeadLetterQueue for MemoryDeadLetters {
         self.lock().extend(letters);
     }
 
-    async fn len(&self) -> u64 {
+    async fn size(&self) -> u64 {
         self.lock().len() as u64
     }
 }

@@ -31,6 +31,13 @@ pub struct Pipeline {
     stages: Arc<[Box<dyn Stage>]>,
 }
 
+/// What the pipeline made of one event.
+pub enum Outcome {
+    /// Every stage passed; the event as the stages left it.
+    Passed(Event),
+    Failed(Failed),
+}
+
 /// An event that failed: the event as it came from the queue, and why.
 pub struct Failed {
     pub event: Event,
@@ -63,26 +70,26 @@ impl Pipeline {
     }
 
     /// Runs one event through every stage.
-    pub fn run(&self, event: Event) -> Result<Event, Failed> {
+    pub fn run(&self, event: Event) -> Outcome {
         if self.stages.is_empty() {
-            return Ok(event);
+            return Outcome::Passed(event);
         }
         // Keep the original only when a stage may change the event, so a retry starts clean.
         let original = self.mutates().then(|| event.clone());
         let mut event = event;
         for stage in self.stages.iter() {
             if let Err(error) = stage.apply(&mut event) {
-                return Err(Failed {
+                return Outcome::Failed(Failed {
                     event: original.unwrap_or(event),
                     error,
                 });
             }
         }
-        Ok(event)
+        Outcome::Passed(event)
     }
 
     /// Runs a batch, keeping order.
-    pub fn run_batch(&self, events: Vec<Event>) -> Vec<Result<Event, Failed>> {
+    pub fn run_batch(&self, events: Vec<Event>) -> Vec<Outcome> {
         events.into_iter().map(|event| self.run(event)).collect()
     }
 }
@@ -268,9 +275,13 @@ mod tests {
     fn stages_run_in_order_and_a_failure_returns_the_original() {
         let pipeline = Pipeline::parse(&["set-metadata:stage=seen".into(), "require:t".into()])
             .expect("valid specs");
-        let out = pipeline.run(event(r#"{"t":1}"#, &[])).ok().expect("passes");
+        let Outcome::Passed(out) = pipeline.run(event(r#"{"t":1}"#, &[])) else {
+            panic!("a payload with field t passes");
+        };
         assert_eq!(out.metadata["stage"], "seen");
-        let failed = pipeline.run(event(r#"{"x":1}"#, &[])).err().expect("fails");
+        let Outcome::Failed(failed) = pipeline.run(event(r#"{"x":1}"#, &[])) else {
+            panic!("a payload without field t fails");
+        };
         assert!(failed.error.contains("'t'"), "{}", failed.error);
         assert!(
             failed.event.metadata.is_empty(),
@@ -281,8 +292,14 @@ mod tests {
     #[test]
     fn fail_if_matches_metadata() {
         let pipeline = Pipeline::parse(&["fail-if:poison=yes".into()]).expect("valid");
-        assert!(pipeline.run(event("1", &[("poison", "yes")])).is_err());
-        assert!(pipeline.run(event("1", &[("poison", "no")])).is_ok());
+        assert!(matches!(
+            pipeline.run(event("1", &[("poison", "yes")])),
+            Outcome::Failed(_)
+        ));
+        assert!(matches!(
+            pipeline.run(event("1", &[("poison", "no")])),
+            Outcome::Passed(_)
+        ));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::dlq::{DeadLetter, DeadLetterQueue};
-use crate::pipeline::{Failed, Pipeline};
+use crate::pipeline::{Failed, Outcome, Pipeline};
 use crate::seen::SeenIds;
 use crate::sink::Sink;
 
@@ -158,7 +158,7 @@ impl Processor {
                 workers: self.config.workers as u64,
                 active: c.active.load(Ordering::Relaxed),
             },
-            dlq_size: self.dlq.len().await,
+            dlq_size: self.dlq.size().await,
             sink: self.sink.describe(),
         }
     }
@@ -306,11 +306,11 @@ impl Processor {
         let mut failed = Vec::new();
         for (outcome, handle) in outcomes.into_iter().zip(handles) {
             match outcome {
-                Ok(event) => {
+                Outcome::Passed(event) => {
                     passed.push(event);
                     passed_handles.push(handle);
                 }
-                Err(failure) => failed.push((failure, handle)),
+                Outcome::Failed(failure) => failed.push((failure, handle)),
             }
         }
 
@@ -355,7 +355,7 @@ impl Processor {
         }
     }
 
-    async fn run_pipeline(&self, events: Vec<Event>) -> Vec<Result<Event, Failed>> {
+    async fn run_pipeline(&self, events: Vec<Event>) -> Vec<Outcome> {
         if !self.pipeline.is_cpu_heavy() {
             return self.pipeline.run_batch(events);
         }
