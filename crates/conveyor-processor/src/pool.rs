@@ -266,8 +266,11 @@ impl Processor {
     /// Whether a stopping worker may exit: at once for a durable queue, when nothing is held
     /// for the memory queue.
     async fn drained(&self) -> bool {
+        if self.queue.durable() {
+            return true;
+        }
         let stats = self.queue.stats().await;
-        stats.durable || (stats.size == 0 && stats.in_flight == 0)
+        stats.size == 0 && stats.in_flight == 0
     }
 
     async fn process(&self, batch: Vec<Delivery>) {

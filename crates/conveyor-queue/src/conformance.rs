@@ -21,6 +21,43 @@ use crate::{Consumer, Delivery, PublishError, Published, Queue};
 /// How long a case waits for an event it expects.
 pub const REDELIVERY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A queue that keeps something alive as long as it lives: the broker fixture a factory
+/// started for one test, so the broker is stopped when the test ends, pass or fail.
+pub struct Guarded {
+    pub queue: Box<dyn Queue>,
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+#[async_trait::async_trait]
+impl crate::Publisher for Guarded {
+    async fn publish(&self, events: Vec<Event>) -> Vec<Result<Published, PublishError>> {
+        self.queue.publish(events).await
+    }
+
+    async fn health(&self) -> crate::Health {
+        self.queue.health().await
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for Guarded {
+    async fn subscribe(&self) -> Result<Box<dyn Consumer>, crate::QueueError> {
+        self.queue.subscribe().await
+    }
+
+    async fn stats(&self) -> conveyor_core::stats::QueueStats {
+        self.queue.stats().await
+    }
+
+    fn durable(&self) -> bool {
+        self.queue.durable()
+    }
+
+    async fn close(&self) {
+        self.queue.close().await
+    }
+}
+
 /// A test event with the given id.
 pub fn event(id: &str) -> Event {
     Event {

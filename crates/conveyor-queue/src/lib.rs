@@ -93,6 +93,10 @@ pub trait Queue: Publisher {
 
     async fn stats(&self) -> QueueStats;
 
+    /// Whether events survive the process holding this queue object (a broker: true). A
+    /// processor drains a non-durable queue to empty on shutdown, and leaves a durable one.
+    fn durable(&self) -> bool;
+
     /// Stop taking publishes (they fail with [`PublishError::Closed`]); consuming goes on so
     /// that what is held can be drained.
     async fn close(&self);

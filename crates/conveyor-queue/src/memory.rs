@@ -272,6 +272,10 @@ impl Queue for MemoryQueue {
         self.snapshot()
     }
 
+    fn durable(&self) -> bool {
+        false
+    }
+
     async fn close(&self) {
         self.shared.lock().closed = true;
     }

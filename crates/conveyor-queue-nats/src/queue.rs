@@ -1,0 +1,421 @@
+//! The stream, the shared durable consumer, publishing with PubAck and consuming with acks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, Context};
+use async_nats::{Client, HeaderMap};
+use async_trait::async_trait;
+use bytes::Bytes;
+use conveyor_core::stats::QueueStats;
+use conveyor_core::{ContentType, Event};
+use conveyor_proto::v1;
+use conveyor_queue::{
+    Consumer, Delivery, DeliveryHandle, Health, PublishError, Published, Publisher, Queue,
+    QueueError, Settlement,
+};
+use futures_util::{FutureExt, StreamExt};
+use prost::Message;
+use tokio::sync::Semaphore;
+
+use crate::NatsConfig;
+
+/// Header marking a message as a protobuf `conveyor.v1.Event`.
+pub(crate) const ENCODING_HEADER: &str = "Conveyor-Encoding";
+/// Header naming the source of a raw (non-conveyor) message.
+const SOURCE_HEADER: &str = "Conveyor-Source";
+
+/// A JetStream-backed queue. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct NatsQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    js: Context,
+    config: NatsConfig,
+    in_flight: Arc<Semaphore>,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    duplicates: AtomicU64,
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    terminated: AtomicU64,
+}
+
+/// Connects to the server(s), retrying for up to `connect_within`.
+pub(crate) async fn connect(url: &str, connect_within: Duration) -> Result<Client, String> {
+    let deadline = tokio::time::Instant::now() + connect_within;
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name("conveyor")
+            .connection_timeout(Duration::from_secs(2))
+            // After start-up the client reconnects for ever; publishes fail fast meanwhile.
+            .max_reconnects(None)
+            .connect(url)
+            .await;
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%url, %error, "cannot reach NATS yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(format!("cannot connect to NATS at {url}: {error}")),
+        }
+    }
+}
+
+impl NatsQueue {
+    /// Connects, and creates the stream and the durable consumer or checks the existing ones.
+    pub async fn connect(config: NatsConfig) -> Result<NatsQueue, String> {
+        let client = connect(&config.url, Duration::from_secs(30)).await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(config.publish_timeout);
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: config.stream.clone(),
+                subjects: vec![config.subject.clone()],
+                retention: RetentionPolicy::WorkQueue,
+                max_messages: config.capacity,
+                discard: DiscardPolicy::New,
+                storage: if config.file_storage {
+                    StorageType::File
+                } else {
+                    StorageType::Memory
+                },
+                num_replicas: config.replicas,
+                duplicate_window: config.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("cannot create or find stream '{}': {e}", config.stream))?;
+        let existing = &stream.cached_info().config;
+        if existing.retention != RetentionPolicy::WorkQueue
+            || !existing.subjects.iter().any(|s| s == &config.subject)
+        {
+            return Err(format!(
+                "stream '{}' exists with another shape (retention {:?}, subjects {:?}); conveyor needs \
+                 work-queue retention on subject '{}'",
+                config.stream, existing.retention, existing.subjects, config.subject
+            ));
+        }
+        stream
+            .get_or_create_consumer::<pull::Config>(&config.consumer, consumer_config(&config))
+            .await
+            .map_err(|e| format!("cannot create or find consumer '{}': {e}", config.consumer))?;
+        Ok(NatsQueue {
+            inner: Arc::new(Inner {
+                in_flight: Arc::new(Semaphore::new(config.max_in_flight_publishes.max(1))),
+                client,
+                js,
+                config,
+                closed: AtomicBool::new(false),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    pub fn jetstream(&self) -> &Context {
+        &self.inner.js
+    }
+
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.config
+    }
+
+    fn connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn consumer(&self) -> Result<PullConsumer, QueueError> {
+        let config = &self.inner.config;
+        let stream = self
+            .inner
+            .js
+            .get_stream(&config.stream)
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("stream '{}': {e}", config.stream)))?;
+        stream
+            .get_or_create_consumer::<pull::Config>(&config.consumer, consumer_config(config))
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("consumer '{}': {e}", config.consumer)))
+    }
+}
+
+fn consumer_config(config: &NatsConfig) -> pull::Config {
+    pull::Config {
+        durable_name: Some(config.consumer.clone()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        max_deliver: config.max_deliver.unwrap_or(-1),
+        // Bounds what all processors together hold unacked.
+        max_ack_pending: (config.fetch_batch * 64).max(1024) as i64,
+        ..Default::default()
+    }
+}
+
+/// Encodes an event as a message payload and headers.
+pub(crate) fn encode(event: Event) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.dedupe_key().as_str());
+    headers.insert(ENCODING_HEADER, "proto");
+    let payload = conveyor_proto::event_to_wire(event).encode_to_vec();
+    (headers, Bytes::from(payload))
+}
+
+/// Reads a message as an event: ours (protobuf) or a plain NATS publisher's (raw payload).
+pub(crate) fn decode(message: &async_nats::Message, stream_sequence: u64) -> Event {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    if header(ENCODING_HEADER).as_deref() == Some("proto")
+        && let Ok(wire) = v1::Event::decode(message.payload.clone())
+    {
+        return conveyor_proto::event_from_wire(wire);
+    }
+    Event {
+        id: header("Nats-Msg-Id").unwrap_or_else(|| format!("nats-{stream_sequence}")),
+        source: header(SOURCE_HEADER).unwrap_or_else(|| message.subject.to_string()),
+        timestamp_ms: conveyor_core::now_ms(),
+        payload: message.payload.clone(),
+        content_type: if serde_json_free_is_json(&message.payload) {
+            ContentType::Json
+        } else {
+            ContentType::Binary
+        },
+        metadata: Default::default(),
+        attempt: 0,
+        headers: Default::default(),
+    }
+}
+
+/// A cheap guess used only for raw messages: JSON documents start with `{` or `[`.
+fn serde_json_free_is_json(payload: &[u8]) -> bool {
+    matches!(
+        payload.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{') | Some(b'[')
+    )
+}
+
+fn publish_error(error: &async_nats::jetstream::context::PublishError) -> PublishError {
+    let text = error.to_string();
+    if text.contains("maximum messages")
+        || text.contains("maximum bytes")
+        || text.contains("resource limits")
+    {
+        return PublishError::Full;
+    }
+    match error.kind() {
+        PublishErrorKind::MaxAckPending => PublishError::Full,
+        _ => PublishError::Unavailable(text),
+    }
+}
+
+#[async_trait]
+impl Publisher for NatsQueue {
+    async fn publish(&self, events: Vec<Event>) -> Vec<Result<Published, PublishError>> {
+        let count = events.len();
+        if self.inner.closed.load(Ordering::Acquire) {
+            return vec![Err(PublishError::Closed); count];
+        }
+        if !self.connected() {
+            return vec![Err(PublishError::Unavailable("not connected to NATS".into())); count];
+        }
+        // Send every publish first, then wait for the PubAcks together: one round trip for
+        // the whole batch instead of one per event. The semaphore bounds what is in flight.
+        let mut pending = Vec::with_capacity(count);
+        for event in events {
+            let permit = match Arc::clone(&self.inner.in_flight).acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => {
+                    pending.push(Err(PublishError::Closed));
+                    continue;
+                }
+            };
+            let (headers, payload) = encode(event);
+            let sent = self
+                .inner
+                .js
+                .publish_with_headers(self.inner.config.subject.clone(), headers, payload)
+                .await;
+            pending.push(match sent {
+                Ok(ack) => Ok((ack, permit)),
+                Err(error) => Err(publish_error(&error)),
+            });
+        }
+        let acks = pending.into_iter().map(|sent| async move {
+            let (ack, _permit) = sent?;
+            match ack.await {
+                Ok(ack) if ack.duplicate => Ok(Published::Duplicate),
+                Ok(_) => Ok(Published::Stored),
+                Err(error) => Err(publish_error(&error)),
+            }
+        });
+        let results = futures_util::future::join_all(acks).await;
+        let duplicates = results
+            .iter()
+            .filter(|r| matches!(r, Ok(Published::Duplicate)))
+            .count();
+        self.inner
+            .counters
+            .duplicates
+            .fetch_add(duplicates as u64, Ordering::Relaxed);
+        results
+    }
+
+    async fn health(&self) -> Health {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Health::Unhealthy("closed for publishing (shutting down)".into())
+        } else if self.connected() {
+            Health::Healthy
+        } else {
+            Health::Unhealthy(format!(
+                "not connected to NATS at {}",
+                self.inner.config.url
+            ))
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for NatsQueue {
+    async fn subscribe(&self) -> Result<Box<dyn Consumer>, QueueError> {
+        let consumer = self.consumer().await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.inner.config.fetch_batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("cannot start pulling: {e}")))?;
+        Ok(Box::new(NatsConsumer {
+            queue: self.clone(),
+            messages,
+        }))
+    }
+
+    async fn stats(&self) -> QueueStats {
+        let counters = &self.inner.counters;
+        let mut stats = QueueStats {
+            backend: "nats".into(),
+            durable: true,
+            capacity: self.inner.config.capacity.max(0) as u64,
+            duplicates: counters.duplicates.load(Ordering::Relaxed),
+            acked: counters.acked.load(Ordering::Relaxed),
+            nacked: counters.nacked.load(Ordering::Relaxed),
+            terminated: counters.terminated.load(Ordering::Relaxed),
+            ..QueueStats::default()
+        };
+        let config = &self.inner.config;
+        if let Ok(mut stream) = self.inner.js.get_stream(&config.stream).await {
+            if let Ok(info) = stream.info().await {
+                stats.published = info.state.last_sequence;
+            }
+            if let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&config.consumer).await
+                && let Ok(info) = consumer.info().await
+            {
+                stats.size = info.num_pending;
+                stats.in_flight = info.num_ack_pending as u64;
+                stats.redelivered = info.num_redelivered as u64;
+            }
+        }
+        stats
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+    }
+}
+
+struct NatsConsumer {
+    queue: NatsQueue,
+    messages: pull::Stream,
+}
+
+impl NatsConsumer {
+    fn delivery(&self, message: jetstream::Message) -> Delivery {
+        let (sequence, delivered) = message
+            .info()
+            .map(|info| (info.stream_sequence, info.delivered))
+            .unwrap_or((0, 1));
+        let mut event = decode(&message, sequence);
+        event.attempt = u32::try_from(delivered).unwrap_or(u32::MAX).max(1);
+        Delivery::new(
+            event,
+            Box::new(NatsDelivery {
+                message,
+                queue: self.queue.clone(),
+            }),
+        )
+    }
+}
+
+#[async_trait]
+impl Consumer for NatsConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let first = match tokio::time::timeout(wait, self.messages.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(None) => return Err(QueueError::Unavailable("the pull stream ended".into())),
+            Ok(Some(Err(error))) => {
+                return Err(QueueError::Unavailable(format!("pulling failed: {error}")));
+            }
+            Ok(Some(Ok(message))) => message,
+        };
+        let mut deliveries = Vec::with_capacity(max.min(self.queue.inner.config.fetch_batch));
+        deliveries.push(self.delivery(first));
+        // Take whatever else has already arrived, without waiting.
+        while deliveries.len() < max {
+            match self.messages.next().now_or_never() {
+                Some(Some(Ok(message))) => deliveries.push(self.delivery(message)),
+                _ => break,
+            }
+        }
+        Ok(deliveries)
+    }
+}
+
+struct NatsDelivery {
+    message: jetstream::Message,
+    queue: NatsQueue,
+}
+
+#[async_trait]
+impl DeliveryHandle for NatsDelivery {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), QueueError> {
+        let counters = &self.queue.inner.counters;
+        let (kind, counter) = match settlement {
+            Settlement::Ack => (AckKind::Ack, &counters.acked),
+            Settlement::Nack { delay } => (AckKind::Nak(Some(delay)), &counters.nacked),
+            Settlement::Term => (AckKind::Term, &counters.terminated),
+        };
+        self.message
+            .ack_with(kind)
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("settling failed: {e}")))?;
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
