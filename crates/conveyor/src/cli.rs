@@ -101,6 +101,95 @@ pub struct QueueArgs {
         default_value_t = 100_000
     )]
     pub queue_dedupe_window: usize,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// NATS JetStream settings (used with `QUEUE_TYPE=nats`).
+#[derive(Debug, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        value_name = "NATS_URL",
+        default_value = "nats://localhost:4222"
+    )]
+    pub nats_url: String,
+
+    /// JetStream stream holding the events.
+    #[arg(
+        long,
+        env = "CONVEYOR_NATS_STREAM",
+        value_name = "CONVEYOR_NATS_STREAM",
+        default_value = "CONVEYOR"
+    )]
+    pub nats_stream: String,
+
+    /// Subject events are published on.
+    #[arg(
+        long,
+        env = "CONVEYOR_NATS_SUBJECT",
+        value_name = "CONVEYOR_NATS_SUBJECT",
+        default_value = "conveyor.events"
+    )]
+    pub nats_subject: String,
+
+    /// Durable pull consumer shared by every processor.
+    #[arg(
+        long,
+        env = "CONVEYOR_NATS_CONSUMER",
+        value_name = "CONVEYOR_NATS_CONSUMER",
+        default_value = "conveyor-processor"
+    )]
+    pub nats_consumer: String,
+
+    /// Stream replicas (1, 3 or 5 on a cluster).
+    #[arg(long, env = "CONVEYOR_NATS_REPLICAS", value_name = "CONVEYOR_NATS_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub nats_replicas: u64,
+
+    /// Stream storage: file (survives broker restarts) or memory.
+    #[arg(
+        long,
+        env = "CONVEYOR_NATS_STORAGE",
+        value_name = "CONVEYOR_NATS_STORAGE",
+        value_enum,
+        default_value = "file"
+    )]
+    pub nats_storage: NatsStorage,
+
+    /// Seconds a delivery may stay unacked before the broker redelivers it (AckWait).
+    #[arg(long, env = "CONVEYOR_NATS_ACK_WAIT_SECS", value_name = "CONVEYOR_NATS_ACK_WAIT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub nats_ack_wait_secs: u64,
+
+    /// Deliveries after which the broker gives up (MaxDeliver); 0 leaves it to the processor,
+    /// which dead-letters after CONVEYOR_MAX_ATTEMPTS.
+    #[arg(
+        long,
+        env = "CONVEYOR_NATS_MAX_DELIVER",
+        value_name = "CONVEYOR_NATS_MAX_DELIVER",
+        default_value_t = 0
+    )]
+    pub nats_max_deliver: u32,
+
+    /// Publishes awaiting their PubAck at once, per process.
+    #[arg(long, env = "CONVEYOR_NATS_MAX_IN_FLIGHT", value_name = "CONVEYOR_NATS_MAX_IN_FLIGHT", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub nats_max_in_flight: u64,
+
+    /// Seconds inside which a re-published event id is discarded by the broker.
+    #[arg(long, env = "CONVEYOR_NATS_DUPLICATE_WINDOW_SECS", value_name = "CONVEYOR_NATS_DUPLICATE_WINDOW_SECS",
+          default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub nats_duplicate_window_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NatsStorage {
+    File,
+    Memory,
 }
 
 #[derive(Debug, Args)]

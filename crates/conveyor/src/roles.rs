@@ -13,15 +13,16 @@ use conveyor_gateway::{Gateway, IngestPeer, ProcessorPeer};
 use conveyor_ingest::grpc::IngestGrpc;
 use conveyor_ingest::http::{self as ingest_http, HttpLimits};
 use conveyor_ingest::{EnqueueForwarder, Ingest, Intake, RemoteIntake};
-use conveyor_processor::dlq::MemoryDeadLetters;
+use conveyor_processor::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{Processor, ProcessorConfig, sink};
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig, Publisher, Queue};
+use conveyor_queue_nats::{NatsConfig, NatsDeadLetters, NatsQueue};
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    Command, GatewayArgs, IngestArgs, IntakeArgs, PoolArgs, ProcessorArgs, QueueArgs, QueueType,
-    RunArgs,
+    Command, GatewayArgs, IngestArgs, IntakeArgs, NatsStorage, PoolArgs, ProcessorArgs, QueueArgs,
+    QueueType, RunArgs,
 };
 use crate::shutdown;
 
@@ -47,7 +48,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
 }
 
 async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
-    let (processor, queue) = build_processor(&args.queue, &args.pool)?;
+    let (processor, queue) = build_processor(&args.queue, &args.pool).await?;
     let readiness = Readiness::default();
     let ingest = Arc::new(Ingest::new(
         queue.clone() as Arc<dyn Publisher>,
@@ -116,9 +117,12 @@ async fn gateway(args: GatewayArgs) -> Result<(), Failure> {
 }
 
 async fn ingest(args: IngestArgs) -> Result<(), Failure> {
-    memory_only(args.queue.queue_type)?;
-    // With the memory queue, the queue lives in the processor: hand events to it.
-    let publisher: Arc<dyn Publisher> = Arc::new(EnqueueForwarder::new(&args.processor_url));
+    let publisher: Arc<dyn Publisher> = match args.queue.queue_type {
+        // With the memory queue, the queue lives in the processor: hand events to it.
+        QueueType::Memory => Arc::new(EnqueueForwarder::new(&args.processor_url)),
+        QueueType::Nats => Arc::new(connect_nats(&args.queue, 0).await?.0),
+        other => return Err(not_built(other)),
+    };
     let ingest = Arc::new(Ingest::new(publisher, Limits::default()));
     let readiness = Readiness::default();
     let limits = http_limits(&args.intake);
@@ -163,7 +167,7 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
 }
 
 async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
-    let (processor, queue) = build_processor(&args.queue, &args.pool)?;
+    let (processor, queue) = build_processor(&args.queue, &args.pool).await?;
     let readiness = Readiness::default();
     let routes = conveyor_processor::http::routes(
         Arc::clone(&processor),
@@ -198,21 +202,80 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn memory_only(queue_type: QueueType) -> Result<(), Failure> {
-    match queue_type {
-        QueueType::Memory => Ok(()),
-        other => Err(Failure::Config(format!(
-            "QUEUE_TYPE (--queue-type) '{}' is not available in this build yet; use memory",
-            format!("{other:?}").to_lowercase()
-        ))),
+fn not_built(queue_type: QueueType) -> Failure {
+    Failure::Config(format!(
+        "QUEUE_TYPE (--queue-type) '{}' is not available in this build yet; use memory or nats",
+        format!("{queue_type:?}").to_lowercase()
+    ))
+}
+
+fn nats_config(args: &QueueArgs, dlq_capacity: u64) -> NatsConfig {
+    let nats = &args.nats;
+    NatsConfig {
+        url: nats.nats_url.clone(),
+        stream: nats.nats_stream.clone(),
+        subject: nats.nats_subject.clone(),
+        consumer: nats.nats_consumer.clone(),
+        replicas: to_usize(nats.nats_replicas),
+        file_storage: nats.nats_storage == NatsStorage::File,
+        ack_wait: Duration::from_secs(nats.nats_ack_wait_secs),
+        max_deliver: (nats.nats_max_deliver > 0).then_some(i64::from(nats.nats_max_deliver)),
+        capacity: i64::try_from(args.queue_size).unwrap_or(i64::MAX),
+        duplicate_window: Duration::from_secs(nats.nats_duplicate_window_secs),
+        max_in_flight_publishes: to_usize(nats.nats_max_in_flight),
+        dlq_capacity: i64::try_from(dlq_capacity).unwrap_or(i64::MAX),
+        ..NatsConfig::default()
     }
 }
 
-fn build_processor(
+/// Connects to NATS and sets up the stream, the consumer and (with `dlq_capacity` > 0) the
+/// dead-letter stream.
+async fn connect_nats(
+    args: &QueueArgs,
+    dlq_capacity: u64,
+) -> Result<(NatsQueue, Option<NatsDeadLetters>), Failure> {
+    let config = nats_config(args, dlq_capacity);
+    let queue = NatsQueue::connect(config.clone())
+        .await
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("NATS_URL {}: {e}", config.url)))?;
+    let dlq = if dlq_capacity > 0 {
+        Some(
+            NatsDeadLetters::open(queue.jetstream().clone(), &config)
+                .await
+                .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?,
+        )
+    } else {
+        None
+    };
+    Ok((queue, dlq))
+}
+
+/// The queue and dead-letter queue a processor uses, from `QUEUE_TYPE`.
+async fn open_queue(
+    args: &QueueArgs,
+    dlq_capacity: u64,
+) -> Result<(Arc<dyn Queue>, Arc<dyn DeadLetterQueue>), Failure> {
+    match args.queue_type {
+        QueueType::Memory => Ok((
+            Arc::new(MemoryQueue::new(MemoryQueueConfig {
+                capacity: to_usize(args.queue_size),
+                dedupe_window: args.queue_dedupe_window,
+            })),
+            Arc::new(MemoryDeadLetters::new(to_usize(dlq_capacity))),
+        )),
+        QueueType::Nats => {
+            let (queue, dlq) = connect_nats(args, dlq_capacity.max(1)).await?;
+            let dlq = dlq.ok_or_else(|| Failure::Runtime(anyhow::anyhow!("no DLQ stream")))?;
+            Ok((Arc::new(queue), Arc::new(dlq)))
+        }
+        other => Err(not_built(other)),
+    }
+}
+
+async fn build_processor(
     queue_args: &QueueArgs,
     pool: &PoolArgs,
-) -> Result<(Arc<Processor>, Arc<MemoryQueue>), Failure> {
-    memory_only(queue_args.queue_type)?;
+) -> Result<(Arc<Processor>, Arc<dyn Queue>), Failure> {
     let pipeline = Pipeline::parse(&pool.stages)
         .map_err(|e| Failure::Config(format!("CONVEYOR_STAGES (--stage): {e}")))?;
     let sink = sink::parse(&pool.sink)
@@ -222,15 +285,12 @@ fn build_processor(
             "CONVEYOR_RETRY_BACKOFF_MAX_MS (--retry-backoff-max-ms) must not be below CONVEYOR_RETRY_BACKOFF_MS".into(),
         ));
     }
-    let queue = Arc::new(MemoryQueue::new(MemoryQueueConfig {
-        capacity: to_usize(queue_args.queue_size),
-        dedupe_window: queue_args.queue_dedupe_window,
-    }));
+    let (queue, dlq) = open_queue(queue_args, pool.dlq_capacity).await?;
     let processor = Processor::new(
-        Arc::clone(&queue) as Arc<dyn Queue>,
+        Arc::clone(&queue),
         pipeline,
         sink,
-        Arc::new(MemoryDeadLetters::new(to_usize(pool.dlq_capacity))),
+        dlq,
         ProcessorConfig {
             workers: to_usize(pool.workers),
             batch_size: to_usize(pool.batch_size),
