@@ -109,6 +109,23 @@ impl Processor {
         &self.queue
     }
 
+    /// Seeds the seen-id window with what the sink already holds (see [`Sink::recent_ids`]).
+    pub async fn remember_sink(&self) {
+        match self.sink.recent_ids(self.config.dedupe_window).await {
+            Ok(ids) if !ids.is_empty() => {
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                for id in &ids {
+                    seen.insert(id);
+                }
+                tracing::info!(ids = ids.len(), "seen-id window seeded from the sink");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot read back the sink; starting with an empty seen-id window")
+            }
+        }
+    }
+
     /// Starts the workers; the returned set finishes when they have all stopped.
     pub fn start(self: &Arc<Self>) -> JoinSet<()> {
         let mut workers = JoinSet::new();

@@ -300,6 +300,7 @@ async fn build_processor(
             dedupe_window: pool.dedupe_window,
         },
     );
+    processor.remember_sink().await;
     Ok((processor, queue))
 }
 
