@@ -31,5 +31,12 @@ pub use config::NatsConfig;
 pub use dlq::NatsDeadLetters;
 pub use queue::NatsQueue;
 
+/// The message a publish sends for an event (headers and payload); exposed for the benchmark
+/// that compares conveyor's path with the raw client's on the same bytes.
+#[doc(hidden)]
+pub fn encode_for_bench(event: conveyor_core::Event) -> (async_nats::HeaderMap, bytes::Bytes) {
+    queue::encode(event)
+}
+
 #[cfg(test)]
 mod tests;
