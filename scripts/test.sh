@@ -5,6 +5,25 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Debian package installs, as root or through sudo.
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "need root or sudo to install: $*" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+step "test dependencies"
+# Broker tests start their own nats-server on a random port.
+if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  echo "nats-server not found; installing the Debian package"
+  apt_install nats-server
+fi
+echo "nats-server: $( (command -v nats-server || echo /usr/sbin/nats-server) )"
+
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 
