@@ -1,0 +1,102 @@
+//! Configuration: bad settings exit 64 naming the setting; environment names are honoured.
+
+use std::time::Duration;
+
+use crate::harness::{Spawn, ingest_one, sample_event};
+
+/// Runs `spawn`, expects exit code 64 and stderr mentioning one of `names`.
+async fn assert_rejected(spawn: Spawn, what: &str, names: &[&str]) {
+    let (status, stderr) = spawn.run_to_exit(Duration::from_secs(20)).await;
+    assert_eq!(
+        status.code(),
+        Some(64),
+        "{what}: exit status {status}; stderr:\n{stderr}"
+    );
+    assert!(
+        names.iter().any(|name| stderr.contains(name)),
+        "{what}: stderr should name {names:?}; it was:\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_queue_size_from_env_exits_64() {
+    assert_rejected(
+        Spawn::new("run").env("QUEUE_SIZE", "abc"),
+        "QUEUE_SIZE=abc",
+        &["QUEUE_SIZE"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_queue_type_exits_64() {
+    assert_rejected(
+        Spawn::new("run").args(["--queue-type", "rabbit"]),
+        "--queue-type rabbit",
+        &["QUEUE_TYPE", "queue-type"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sink_spec_exits_64() {
+    assert_rejected(
+        Spawn::new("run").args(["--sink", "ftp:x"]),
+        "--sink ftp:x",
+        &["sink", "CONVEYOR_SINK"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_workers_exits_64() {
+    assert_rejected(
+        Spawn::new("run").args(["--workers", "0"]),
+        "--workers 0",
+        &["PROCESSOR_WORKERS", "workers"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_ingest_url_exits_64() {
+    assert_rejected(
+        Spawn::new("gateway").args([
+            "--ingest-url",
+            "not a url",
+            "--processor-url",
+            "http://127.0.0.1:1",
+        ]),
+        "gateway --ingest-url 'not a url'",
+        &["INGEST_URL", "ingest-url"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_environment_names_are_honoured() {
+    let conveyor = Spawn::new("run")
+        .without_listen_flags()
+        .sink_from_env()
+        .env("CONVEYOR_HOST", "127.0.0.1")
+        .env("API_PORT", "0")
+        .env("PROCESSOR_WORKERS", "2")
+        .env("QUEUE_SIZE", "123")
+        .start()
+        .await;
+    let status = conveyor.status().await;
+    let processor = &status["processor"]["stats"];
+    assert_eq!(
+        processor["pool"]["workers"], 2,
+        "PROCESSOR_WORKERS=2: status {status}"
+    );
+    assert_eq!(
+        processor["queue"]["capacity"], 123,
+        "QUEUE_SIZE=123: status {status}"
+    );
+
+    // CONVEYOR_SINK names the file the event is written to.
+    let sample = sample_event("env", "cfg", 1, true);
+    let id = ingest_one(&conveyor, &sample).await;
+    conveyor.wait_sink_ids([&id], Duration::from_secs(20)).await;
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests of the `conveyor` binary: each test starts its own processes on random
+//! ports with their own temp dirs, and checks what a user sees (docs/INTERFACE.md).
+
+mod harness;
+
+mod all_in_one;
+mod backpressure;
+mod bad_input;
+mod config;
+mod dlq;
+mod shutdown;
+mod split;
