@@ -257,8 +257,14 @@ impl Processor {
                     self.counters.active.fetch_sub(1, Ordering::Relaxed);
                 }
                 Err(error) => {
-                    tracing::warn!(worker, %error, "fetch failed; retrying");
+                    // A broken consumer (e.g. the broker restarted under it) is replaced, not
+                    // retried: a fresh subscription picks up where the shared consumer stands.
+                    tracing::warn!(worker, %error, "fetch failed; subscribing again");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    match self.subscribe(&mut stop).await {
+                        Some(fresh) => consumer = fresh,
+                        None => break,
+                    }
                 }
             }
         }

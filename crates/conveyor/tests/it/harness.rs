@@ -101,6 +101,8 @@ enum SinkMode {
     None,
     Flag,
     Env,
+    /// `--sink file:<path>` at a path the test chose (to keep it across restarts).
+    At(PathBuf),
 }
 
 /// How to start one `conveyor` process.
@@ -144,6 +146,12 @@ impl Spawn {
         self
     }
 
+    /// Writes the file sink at `path` (which outlives the process, e.g. across a restart).
+    pub fn sink_at(mut self, path: &Path) -> Self {
+        self.sink = SinkMode::At(path.to_owned());
+        self
+    }
+
     /// Leaves out `--host` and `--port`, for tests of the environment variables.
     pub fn without_listen_flags(mut self) -> Self {
         self.listen_flags = false;
@@ -175,6 +183,9 @@ impl Spawn {
             SinkMode::Env => {
                 cmd.env("CONVEYOR_SINK", &sink_spec);
             }
+            SinkMode::At(ref path) => {
+                cmd.args(["--sink", &format!("file:{}", path.display())]);
+            }
         }
         cmd.args(&self.args);
         for (key, value) in &self.env {
@@ -200,7 +211,10 @@ impl Spawn {
     /// Starts the process and waits for its listening line.
     pub async fn start(self) -> Conveyor {
         let dir = tempfile::tempdir().expect("create a temp dir for the process");
-        let sink_path = dir.path().join("out.ndjson");
+        let sink_path = match &self.sink {
+            SinkMode::At(path) => path.clone(),
+            _ => dir.path().join("out.ndjson"),
+        };
         let what = self.describe();
         let mut child = self
             .command(dir.path(), &sink_path)
@@ -360,6 +374,15 @@ impl Conveyor {
         assert!(status.success(), "kill -TERM {} failed: {status}", self.pid);
     }
 
+    /// Sends SIGKILL: the process dies at once, mid-work, as in a crash.
+    pub fn sigkill(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -KILL {} failed: {status}", self.pid);
+    }
+
     /// Waits for the process to exit by itself.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         match tokio::time::timeout(timeout, self.child.wait()).await {
@@ -372,25 +395,14 @@ impl Conveyor {
         }
     }
 
+    /// Where this process's file sink is.
+    pub fn sink_path(&self) -> &Path {
+        &self.sink_path
+    }
+
     /// Every complete line of the file sink, parsed. A line that is not JSON fails the test.
     pub fn read_sink(&self) -> Vec<Value> {
-        let text = match std::fs::read_to_string(&self.sink_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-            Err(e) => panic!("read the sink {}: {e}", self.sink_path.display()),
-        };
-        let complete = match text.rfind('\n') {
-            Some(end) => &text[..end],
-            None => "",
-        };
-        complete
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .map(|line| {
-                serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("sink line is not JSON ({e}): {line}"))
-            })
-            .collect()
+        read_sink_file(&self.sink_path)
     }
 
     /// Polls the sink until it holds at least `n` records.
@@ -612,6 +624,28 @@ pub fn assert_error(
 
 // ---------------------------------------------------------------------------------------------
 // Events, and what must come out of the sink.
+
+/// Every complete line of a file sink, parsed; a missing file is an empty sink. A complete line
+/// that is not JSON fails the test (a torn last line, still being written, is left out).
+pub fn read_sink_file(path: &Path) -> Vec<Value> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("read the sink {}: {e}", path.display()),
+    };
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("sink line is not JSON ({e}): {line}"))
+        })
+        .collect()
+}
 
 /// What was sent for one event, to compare with its sink record.
 #[derive(Debug, Clone)]

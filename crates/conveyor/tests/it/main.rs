@@ -8,5 +8,6 @@ mod backpressure;
 mod bad_input;
 mod config;
 mod dlq;
+mod nats;
 mod shutdown;
 mod split;

@@ -1,0 +1,418 @@
+//! `QUEUE_TYPE=nats` under faults (issue #3): each test starts its own `nats-server -js` on a
+//! random port (conveyor-testkit) and counts, over the sink(s), the accepted ids that were lost
+//! and the ids written more than once.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use conveyor_testkit::{NatsServer, free_port};
+use serde_json::{Value, json};
+
+use crate::harness::{Conveyor, Spawn, eventually, read_json, read_sink_file};
+
+/// NATS settings every test uses: its own server, and a short AckWait so the broker
+/// redelivers what a killed processor held within seconds.
+fn nats_env(spawn: Spawn, server: &NatsServer) -> Spawn {
+    spawn
+        .env("QUEUE_TYPE", "nats")
+        .env("NATS_URL", &server.url())
+        .env("CONVEYOR_NATS_ACK_WAIT_SECS", "2")
+}
+
+/// A processor on a fixed port (so a restarted one answers at the same URL) writing `sink`.
+async fn processor_at(server: &NatsServer, port: u16, sink: &Path, extra: &[&str]) -> Conveyor {
+    nats_env(Spawn::new("processor"), server)
+        .without_listen_flags()
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(extra)
+        .sink_at(sink)
+        .start()
+        .await
+}
+
+async fn nats_ingest_and_gateway(
+    server: &NatsServer,
+    processors: &[&Conveyor],
+) -> (Conveyor, Conveyor) {
+    let ingest = nats_env(Spawn::new("ingest"), server).start().await;
+    let urls: Vec<&str> = processors.iter().map(|p| p.base_url()).collect();
+    let gateway = Spawn::new("gateway")
+        .args([
+            "--ingest-url",
+            ingest.base_url(),
+            "--processor-url",
+            &urls.join(","),
+        ])
+        .start()
+        .await;
+    (ingest, gateway)
+}
+
+fn event_body(tag: &str, i: usize) -> Value {
+    json!({"id": format!("{tag}-{i}"), "source": "crash-test", "data": {"i": i, "tag": tag}})
+}
+
+/// Sends events `from..to` as NDJSON batches of `per_batch`, `tasks` requests at a time.
+/// Returns the ids the gateway accepted (202/207 per line).
+async fn send_batches(
+    gateway: &Conveyor,
+    tag: &'static str,
+    count: usize,
+    per_batch: usize,
+    tasks: usize,
+) -> HashSet<String> {
+    send_batches_to(
+        gateway.http().clone(),
+        gateway.url("/api/v1/ingest/batch"),
+        tag,
+        count,
+        per_batch,
+        tasks,
+    )
+    .await
+}
+
+async fn send_batches_to(
+    http: reqwest::Client,
+    url: String,
+    tag: &'static str,
+    count: usize,
+    per_batch: usize,
+    tasks: usize,
+) -> HashSet<String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let next = Arc::clone(&next);
+        let http = http.clone();
+        let url = url.clone();
+        let tag = tag.to_owned();
+        handles.push(tokio::spawn(async move {
+            let mut accepted = HashSet::new();
+            loop {
+                let from = next.fetch_add(per_batch, Ordering::Relaxed);
+                if from >= count {
+                    break accepted;
+                }
+                let to = (from + per_batch).min(count);
+                let body: String = (from..to)
+                    .map(|i| format!("{}\n", event_body(&tag, i)))
+                    .collect();
+                let response = http
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("POST batch {from}..{to}: {e}"));
+                let (code, answer) = read_json(response).await;
+                assert!(
+                    code == 202 || code == 207,
+                    "batch {from}..{to} answered {code}: {answer}"
+                );
+                for result in answer["results"].as_array().expect("results") {
+                    if let Some(id) = result["messageId"].as_str() {
+                        accepted.insert(id.to_owned());
+                    }
+                }
+            }
+        }));
+    }
+    let mut all = HashSet::new();
+    for handle in handles {
+        all.extend(handle.await.expect("sender task"));
+    }
+    all
+}
+
+/// How often each id occurs across the sink files.
+fn sink_counts(sinks: &[&Path]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for sink in sinks {
+        for record in read_sink_file(sink) {
+            let id = record["id"]
+                .as_str()
+                .expect("a sink record has an id")
+                .to_owned();
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// Waits until every accepted id is in the sinks, then asserts: none lost, none written twice,
+/// nothing that was never sent.
+async fn assert_exactly_once(
+    sinks: &[&Path],
+    accepted: &HashSet<String>,
+    sent_prefix: &str,
+    timeout: Duration,
+) {
+    let counts = eventually(
+        "every accepted event to reach the sink",
+        timeout,
+        async || {
+            let counts = sink_counts(sinks);
+            let missing = accepted
+                .iter()
+                .filter(|id| !counts.contains_key(*id))
+                .count();
+            if missing == 0 {
+                Ok(counts)
+            } else {
+                Err(format!("{missing} of {} still missing", accepted.len()))
+            }
+        },
+    )
+    .await;
+    let duplicates: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    let unexpected: Vec<&String> = counts
+        .keys()
+        .filter(|id| !id.starts_with(sent_prefix))
+        .collect();
+    assert!(
+        duplicates.is_empty(),
+        "{} ids written more than once, e.g. {:?}",
+        duplicates.len(),
+        &duplicates[..duplicates.len().min(5)]
+    );
+    assert!(
+        unexpected.is_empty(),
+        "ids nobody sent: {:?}",
+        &unexpected[..unexpected.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_events_without_faults_arrive_exactly_once() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = dir.path().join("out.ndjson");
+    let processor = processor_at(&server, free_port(), &sink, &[]).await;
+    let (_ingest, gateway) = nats_ingest_and_gateway(&server, &[&processor]).await;
+
+    let accepted = send_batches(&gateway, "clean", 100_000, 1000, 4).await;
+    assert_eq!(accepted.len(), 100_000, "every event was accepted");
+    assert_exactly_once(&[&sink], &accepted, "clean-", Duration::from_secs(120)).await;
+
+    let status = eventually("totals to settle", Duration::from_secs(20), async || {
+        let (_, status) = gateway.get_json("/api/v1/status").await;
+        if status["totals"]["processed"] == 100_000 {
+            Ok(status)
+        } else {
+            Err(status["totals"].to_string())
+        }
+    })
+    .await;
+    assert_eq!(status["totals"]["accepted"], 100_000, "{status}");
+    assert_eq!(
+        status["processor"]["stats"]["queue"]["backend"], "nats",
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = dir.path().join("out.ndjson");
+    let port = free_port();
+    let mut processor = processor_at(&server, port, &sink, &[]).await;
+    let (_ingest, gateway) = nats_ingest_and_gateway(&server, &[&processor]).await;
+
+    let sending = tokio::spawn(send_batches_to(
+        gateway.http().clone(),
+        gateway.url("/api/v1/ingest/batch"),
+        "kill",
+        50_000,
+        250,
+        2,
+    ));
+    let mut kills = 0;
+    while kills < 5 || !sending.is_finished() {
+        // Let it get some work in hand, then kill it in the middle of it.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        processor.sigkill();
+        let _ = processor.wait_exit(Duration::from_secs(10)).await;
+        kills += 1;
+        processor = processor_at(&server, port, &sink, &[]).await;
+        if kills >= 12 {
+            break;
+        }
+    }
+    let accepted = sending.await.expect("sender");
+    assert!(kills >= 5, "the processor was killed {kills} times");
+    assert_eq!(
+        accepted.len(),
+        50_000,
+        "intake does not depend on the processor"
+    );
+    assert_exactly_once(&[&sink], &accepted, "kill-", Duration::from_secs(120)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_503() {
+    let mut server = NatsServer::start();
+    let conveyor = nats_env(Spawn::new("run"), &server).start().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let unavailable = Arc::new(AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for task in 0..8 {
+        let (stop, unavailable) = (Arc::clone(&stop), Arc::clone(&unavailable));
+        let http = conveyor.http().clone();
+        let url = conveyor.url("/api/v1/ingest");
+        senders.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = event_body(&format!("outage-{task}"), i);
+                i += 1;
+                let response = http
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("the gateway stays up");
+                let (code, answer) = read_json(response).await;
+                match code {
+                    202 => {
+                        accepted.push(answer["messageId"].as_str().expect("messageId").to_owned())
+                    }
+                    503 => {
+                        assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+                        unavailable.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected answer {other} during a broker outage: {answer}"),
+                }
+            }
+            accepted
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.kill();
+    eventually(
+        "clients to get 503 while the broker is down",
+        Duration::from_secs(20),
+        async || {
+            let n = unavailable.load(Ordering::Relaxed);
+            if n >= 10 {
+                Ok(())
+            } else {
+                Err(format!("{n} so far"))
+            }
+        },
+    )
+    .await;
+    let (ready, _) = conveyor.get_json("/ready").await;
+    let during = unavailable.load(Ordering::Relaxed);
+    server.restart();
+    // Intake resumes by itself.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut accepted = HashSet::new();
+    for sender in senders {
+        accepted.extend(sender.await.expect("sender"));
+    }
+    assert!(during > 0, "clients got 503 during the outage");
+    assert_eq!(
+        ready, 200,
+        "liveness of /ready is not what this test checks"
+    );
+    let sink = conveyor.sink_path().to_owned();
+    assert_exactly_once(&[&sink], &accepted, "outage-", Duration::from_secs(60)).await;
+    let after = eventually(
+        "intake to accept again after the broker returned",
+        Duration::from_secs(20),
+        async || {
+            let (code, body) = conveyor
+                .post_json("/api/v1/ingest", &event_body("outage-after", 0))
+                .await;
+            if code == 202 {
+                Ok(body)
+            } else {
+                Err(format!("{code}: {body}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(after["status"], "accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_goes_to_the_dlq_after_max_attempts_while_traffic_flows() {
+    let server = NatsServer::start();
+    let conveyor = nats_env(Spawn::new("run"), &server)
+        .args([
+            "--stage",
+            "fail-if:poison=yes",
+            "--max-attempts",
+            "3",
+            "--retry-backoff-ms",
+            "50",
+        ])
+        .start()
+        .await;
+    let poison =
+        json!({"id": "poison-1", "source": "crash-test", "data": 1, "metadata": {"poison": "yes"}});
+    let (code, body) = conveyor.post_json("/api/v1/ingest", &poison).await;
+    assert_eq!(code, 202, "{body}");
+    let accepted = send_batches(&conveyor, "flow", 2_000, 100, 2).await;
+    let sink = conveyor.sink_path().to_owned();
+    assert_exactly_once(&[&sink], &accepted, "flow-", Duration::from_secs(60)).await;
+    let letters = eventually(
+        "the poison event in the DLQ",
+        Duration::from_secs(30),
+        async || {
+            let (_, dlq) = conveyor.get_json("/api/v1/dlq").await;
+            if dlq["size"] == 1 {
+                Ok(dlq)
+            } else {
+                Err(dlq.to_string())
+            }
+        },
+    )
+    .await;
+    let letter = &letters["events"][0];
+    assert_eq!(letter["id"], "poison-1");
+    assert_eq!(letter["attempts"], 3, "{letter}");
+    assert!(
+        letter["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fail-if")),
+        "{letter}"
+    );
+    assert!(
+        !sink_counts(&[&sink]).contains_key("poison-1"),
+        "the poison event was never written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processors_split_one_stream_and_each_event_is_processed_once() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("p{i}.ndjson")))
+        .collect();
+    let mut processors = Vec::new();
+    for sink in &sinks {
+        // Small pulls, so no processor can take the whole backlog in one request.
+        processors.push(processor_at(&server, free_port(), sink, &["--batch-size", "32"]).await);
+    }
+    let refs: Vec<&Conveyor> = processors.iter().collect();
+    let (_ingest, gateway) = nats_ingest_and_gateway(&server, &refs).await;
+    let accepted = send_batches(&gateway, "spread", 30_000, 500, 2).await;
+    let sink_refs: Vec<&Path> = sinks.iter().map(|p| p.as_path()).collect();
+    assert_exactly_once(&sink_refs, &accepted, "spread-", Duration::from_secs(120)).await;
+    for (i, sink) in sinks.iter().enumerate() {
+        let share = read_sink_file(sink).len();
+        assert!(
+            share >= 1_500,
+            "processor {i} processed only {share} of 30000: the work is not spread"
+        );
+    }
+}
