@@ -113,8 +113,17 @@ impl Readiness {
     }
 }
 
-/// `/health` answers while the process lives; `/ready` answers 503 once shutdown began.
-pub fn health_routes(readiness: Readiness) -> Router {
+/// Asks whether what this service depends on (its queue) is usable: `Err` names why not.
+pub type ReadyProbe = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// `/health` answers while the process lives. `/ready` answers 503 once shutdown began, or
+/// while `probe` reports a dependency down (e.g. the broker), so a load balancer stops sending
+/// work that would only get 503s.
+pub fn health_routes(readiness: Readiness, probe: Option<ReadyProbe>) -> Router {
     Router::new()
         .route(
             "/health",
@@ -124,27 +133,39 @@ pub fn health_routes(readiness: Readiness) -> Router {
             "/ready",
             get(move || {
                 let ready = readiness.is_ready();
+                let probe = probe.clone();
                 async move {
-                    if ready {
-                        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"})))
-                    } else {
+                    let not_ready = |reason: String| {
                         (
                             StatusCode::SERVICE_UNAVAILABLE,
                             axum::Json(
-                                serde_json::json!({"status": "not_ready", "reason": "shutting down"}),
+                                serde_json::json!({"status": "not_ready", "reason": reason}),
                             ),
                         )
+                    };
+                    if !ready {
+                        return not_ready("shutting down".into());
                     }
+                    if let Some(probe) = probe
+                        && let Err(reason) = probe().await
+                    {
+                        return not_ready(reason);
+                    }
+                    (
+                        StatusCode::OK,
+                        axum::Json(serde_json::json!({"status": "ready"})),
+                    )
                 }
             }),
         )
 }
 
-/// Completes a service's router: adds `/health`, `/ready`, `/metrics` (HTTP metrics followed by
+/// Completes a service's router: adds `/health`, `/ready` (with `probe`), `/metrics` (HTTP metrics followed by
 /// what `render` appends), a JSON 404 for unknown paths, and request metrics on every route.
 pub fn service_router<F, Fut>(
     routes: Router,
     readiness: Readiness,
+    probe: Option<ReadyProbe>,
     http_metrics: metrics::HttpMetrics,
     render: F,
 ) -> Router
@@ -164,7 +185,7 @@ where
         }
     });
     routes
-        .merge(health_routes(readiness))
+        .merge(health_routes(readiness, probe))
         .route("/metrics", metrics_route)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use conveyor_api::metrics::{self, HttpMetrics};
-use conveyor_api::{HttpError, Readiness, service_router};
+use conveyor_api::{HttpError, Readiness, ReadyProbe, service_router};
 use conveyor_core::ApiError;
 use conveyor_core::stats::ReplayReport;
 use conveyor_ingest::grpc::IngestGrpc;
@@ -55,9 +55,15 @@ pub fn router(gateway: Gateway) -> Router {
         .merge(api)
         .merge(grpc);
     let scrape = gateway.clone();
+    let intake = Arc::clone(&gateway.intake);
+    let probe: ReadyProbe = Arc::new(move || {
+        let intake = Arc::clone(&intake);
+        Box::pin(async move { intake.health().await.into_result() })
+    });
     service_router(
         routes,
         gateway.readiness.clone(),
+        Some(probe),
         gateway.metrics.clone(),
         move || render_metrics(scrape.clone()),
     )

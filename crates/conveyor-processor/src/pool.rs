@@ -326,7 +326,8 @@ impl Processor {
             return;
         }
 
-        let outcomes = self.run_pipeline(events).await;
+        let keep_alive = self.queue.keep_alive_interval();
+        let outcomes = while_keeping_alive(&handles, keep_alive, self.run_pipeline(events)).await;
         let mut passed = Vec::with_capacity(outcomes.len());
         let mut passed_handles = Vec::with_capacity(outcomes.len());
         let mut failed = Vec::new();
@@ -341,7 +342,13 @@ impl Processor {
         }
 
         if !passed.is_empty() {
-            match self.sink.write(&passed, now_ms()).await {
+            let written = while_keeping_alive(
+                &passed_handles,
+                keep_alive,
+                self.sink.write(&passed, now_ms()),
+            )
+            .await;
+            match written {
                 Ok(()) => {
                     {
                         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -450,6 +457,33 @@ impl Processor {
                 events = dlq_full,
                 "dead-letter queue is full; events kept in the queue"
             );
+        }
+    }
+}
+
+/// Runs `work`, telling the queue every `interval` that `handles` are still being worked on, so
+/// a slow stage or sink does not get its deliveries redelivered to another processor.
+async fn while_keeping_alive<F: std::future::Future>(
+    handles: &[Box<dyn DeliveryHandle>],
+    interval: Option<Duration>,
+    work: F,
+) -> F::Output {
+    let Some(every) = interval.filter(|d| !d.is_zero()) else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            _ = ticker.tick() => {
+                for handle in handles {
+                    if let Err(error) = handle.keep_alive().await {
+                        tracing::warn!(%error, "in-progress ack failed");
+                        break;
+                    }
+                }
+            }
         }
     }
 }

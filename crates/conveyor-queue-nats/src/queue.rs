@@ -345,6 +345,10 @@ impl Queue for NatsQueue {
         true
     }
 
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        Some(self.inner.config.ack_wait / 3)
+    }
+
     async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
     }
@@ -417,5 +421,12 @@ impl DeliveryHandle for NatsDelivery {
             .map_err(|e| QueueError::Unavailable(format!("settling failed: {e}")))?;
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    async fn keep_alive(&self) -> Result<(), QueueError> {
+        self.message
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("in-progress ack failed: {e}")))
     }
 }

@@ -80,3 +80,38 @@ async fn publish_while_the_broker_is_down_fails_fast_and_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn keep_alive_holds_a_slow_delivery_past_ack_wait() {
+    let server = NatsServer::start();
+    let queue = NatsQueue::connect(test_config(&server, 100))
+        .await
+        .expect("connect");
+    assert_eq!(
+        queue.keep_alive_interval(),
+        Some(Duration::from_secs(2) / 3)
+    );
+    queue
+        .publish(vec![conveyor_queue::conformance::event("slow-1")])
+        .await;
+    let mut first = queue.subscribe().await.expect("subscribe");
+    let held =
+        conveyor_queue::conformance::fetch_n(first.as_mut(), 1, Duration::from_secs(5)).await;
+    assert_eq!(held.len(), 1);
+    // A second consumer that would get the event if the broker redelivered it.
+    let mut other = queue.subscribe().await.expect("subscribe");
+    let (_event, handle) = held.into_iter().next().expect("one").into_parts();
+    // Work "takes" 3 x AckWait; in-progress acks keep it from being redelivered meanwhile.
+    for _ in 0..9 {
+        handle.keep_alive().await.expect("keep alive");
+        let stolen = other
+            .fetch(1, Duration::from_millis(666))
+            .await
+            .expect("fetch");
+        assert!(stolen.is_empty(), "redelivered while still being worked on");
+    }
+    handle
+        .settle(conveyor_queue::Settlement::Ack)
+        .await
+        .expect("ack");
+}

@@ -53,6 +53,10 @@ impl Queue for Guarded {
         self.queue.durable()
     }
 
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        self.queue.keep_alive_interval()
+    }
+
     async fn close(&self) {
         self.queue.close().await
     }

@@ -76,6 +76,15 @@ pub enum Health {
     Unhealthy(String),
 }
 
+impl Health {
+    pub fn into_result(self) -> Result<(), String> {
+        match self {
+            Health::Healthy => Ok(()),
+            Health::Unhealthy(reason) => Err(reason),
+        }
+    }
+}
+
 /// The publishing half of a queue: what ingest needs.
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
@@ -96,6 +105,12 @@ pub trait Queue: Publisher {
     /// Whether events survive the process holding this queue object (a broker: true). A
     /// processor drains a non-durable queue to empty on shutdown, and leaves a durable one.
     fn durable(&self) -> bool;
+
+    /// How often a held delivery needs [`DeliveryHandle::keep_alive`] so the queue does not
+    /// redeliver it while it is still being worked on (NATS: a third of AckWait). `None`: never.
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        None
+    }
 
     /// Stop taking publishes (they fail with [`PublishError::Closed`]); consuming goes on so
     /// that what is held can be drained.
@@ -120,6 +135,11 @@ pub enum Settlement {
 #[async_trait]
 pub trait DeliveryHandle: Send + Sync {
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), QueueError>;
+
+    /// "Still working on it": restarts the queue's redelivery timer (NATS `+WPI`).
+    async fn keep_alive(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
 }
 
 /// One event handed to a consumer. `event.attempt` is its delivery count (1 the first time).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use conveyor_api::metrics::{self, HttpMetrics};
-use conveyor_api::{Readiness, bind, serve, service_router};
+use conveyor_api::{Readiness, ReadyProbe, bind, serve, service_router};
 use conveyor_core::Limits;
 use conveyor_gateway::peers::{LocalIngest, LocalProcessor, Remote, RemoteIngest, RemoteProcessor};
 use conveyor_gateway::{Gateway, IngestPeer, ProcessorPeer};
@@ -144,9 +144,15 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
             .into_router(limits.max_body_bytes),
         );
     let scraped = Arc::clone(&ingest);
+    let probed = Arc::clone(&ingest);
+    let probe: ReadyProbe = Arc::new(move || {
+        let ingest = Arc::clone(&probed);
+        Box::pin(async move { ingest.health().await.into_result() })
+    });
     let router = service_router(
         routes,
         readiness.clone(),
+        Some(probe),
         HttpMetrics::default(),
         move || {
             let ingest = Arc::clone(&scraped);
@@ -176,9 +182,15 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
         usize::try_from(args.intake.max_body_bytes).unwrap_or(usize::MAX),
     );
     let scraped = Arc::clone(&processor);
+    let probed = Arc::clone(&processor);
+    let probe: ReadyProbe = Arc::new(move || {
+        let processor = Arc::clone(&probed);
+        Box::pin(async move { processor.health().await.into_result() })
+    });
     let router = service_router(
         routes,
         readiness.clone(),
+        Some(probe),
         HttpMetrics::default(),
         move || {
             let processor = Arc::clone(&scraped);
