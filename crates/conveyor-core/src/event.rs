@@ -1,6 +1,7 @@
 //! The event: the unit that flows from a client through the queue to a sink.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -44,18 +45,25 @@ impl ContentType {
     }
 }
 
+/// The metadata map. Shared, so that copying an event (a queue keeps one for redelivery while a
+/// worker holds another) costs a reference count, not an allocation per entry; a stage that
+/// changes it copies on write (`Arc::make_mut`).
+pub type Metadata = Arc<BTreeMap<String, String>>;
+
 /// An accepted event. Every event has an id (contract 3): the client's or a generated UUIDv7.
+///
+/// Cheap to clone: the text fields and the metadata are shared, the payload is `Bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     /// Unique id; the dedupe key at the queue and at the processor.
-    pub id: String,
+    pub id: Arc<str>,
     /// Who produced it (e.g. `sensor-01`).
-    pub source: String,
+    pub source: Arc<str>,
     /// Acceptance time, milliseconds since the Unix epoch (or the client's own timestamp).
     pub timestamp_ms: u64,
     pub payload: Bytes,
     pub content_type: ContentType,
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// How many times this event has been delivered to a processor (1 on first delivery).
     pub attempt: u32,
     /// Transport headers (trace context, replay marker); not part of the user's data.
@@ -68,7 +76,17 @@ impl Event {
     pub fn dedupe_key(&self) -> String {
         match self.headers.get(REPLAY_HEADER) {
             Some(replay) => format!("{}#replay-{replay}", self.id),
-            None => self.id.clone(),
+            None => self.id.to_string(),
+        }
+    }
+
+    /// Feeds the dedupe key to a hasher without building it: the same bytes as
+    /// [`dedupe_key`](Self::dedupe_key), so equal keys hash equal.
+    pub fn hash_dedupe_key(&self, hasher: &mut impl std::hash::Hasher) {
+        hasher.write(self.id.as_bytes());
+        if let Some(replay) = self.headers.get(REPLAY_HEADER) {
+            hasher.write(b"#replay-");
+            hasher.write(replay.as_bytes());
         }
     }
 }

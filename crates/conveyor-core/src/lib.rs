@@ -12,5 +12,5 @@ pub mod stats;
 pub mod validate;
 
 pub use error::{ApiError, ErrorCode};
-pub use event::{ContentType, Event, EventDraft, REPLAY_HEADER, now_ms};
+pub use event::{ContentType, Event, EventDraft, Metadata, REPLAY_HEADER, now_ms};
 pub use validate::{Limits, validate};

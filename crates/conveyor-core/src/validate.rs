@@ -111,12 +111,12 @@ pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
         }
     }
     Ok(Event {
-        id,
-        source: draft.source,
+        id: id.into(),
+        source: draft.source.into(),
         timestamp_ms: draft.timestamp_ms.unwrap_or_else(now_ms),
         payload: draft.payload,
         content_type: draft.content_type,
-        metadata: draft.metadata,
+        metadata: draft.metadata.into(),
         attempt: 0,
         headers: draft.headers,
     })
@@ -169,7 +169,7 @@ mod tests {
         let mut d = draft("s");
         d.id = Some("order-42".into());
         assert_eq!(
-            validate(d, &Limits::default()).expect("valid").id,
+            &*validate(d, &Limits::default()).expect("valid").id,
             "order-42"
         );
     }

@@ -94,7 +94,7 @@ impl Intake for Ingest {
             match validate(draft, &self.limits) {
                 Ok(event) => {
                     pending.push(results.len());
-                    results.push(Ok(event.id.clone()));
+                    results.push(Ok(event.id.to_string()));
                     valid.push(event);
                 }
                 Err(error) => results.push(Err(error)),

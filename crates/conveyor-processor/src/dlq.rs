@@ -27,11 +27,11 @@ impl DeadLetter {
             serde_json::Value::Null
         };
         DeadLetterView {
-            id: self.event.id.clone(),
-            source: self.event.source.clone(),
+            id: self.event.id.to_string(),
+            source: self.event.source.to_string(),
             timestamp: self.event.timestamp_ms,
             data,
-            metadata: self.event.metadata.clone(),
+            metadata: (*self.event.metadata).clone(),
             attempts: self.attempts,
             error: self.error.clone(),
             failed_at: self.failed_at_ms,
@@ -106,7 +106,7 @@ impl DeadLetterQueue for MemoryDeadLetters {
                 let mut taken = Vec::new();
                 let mut not_found = Vec::new();
                 for id in ids {
-                    match letters.iter().position(|l| &l.event.id == id) {
+                    match letters.iter().position(|l| *l.event.id == **id) {
                         Some(at) => taken.extend(letters.remove(at)),
                         None => not_found.push(id.clone()),
                     }

@@ -67,7 +67,7 @@ async fn enqueue_inner(
         // The seed's single-event body.
         let draft = body::parse_event(&bytes, None)?;
         let event = validate(draft, &state.limits)?;
-        let id = event.id.clone();
+        let id = event.id.to_string();
         let mut confirms = state.processor.queue().publish(vec![event]).await;
         return match confirms.pop() {
             Some(Ok(_)) => Ok((
@@ -93,12 +93,12 @@ async fn enqueue_inner(
     for (index, wire) in batch.events.into_iter().enumerate() {
         let event = conveyor_proto::event_from_wire(wire);
         let draft = EventDraft {
-            id: Some(event.id),
-            source: event.source,
+            id: Some(event.id.to_string()),
+            source: event.source.to_string(),
             timestamp_ms: Some(event.timestamp_ms),
             payload: event.payload,
             content_type: event.content_type,
-            metadata: event.metadata,
+            metadata: std::sync::Arc::unwrap_or_clone(event.metadata),
             headers: event.headers,
         };
         let mut result = v1::EventResult {
@@ -107,7 +107,7 @@ async fn enqueue_inner(
         };
         match validate(draft, &state.limits) {
             Ok(event) => {
-                result.message_id = event.id.clone();
+                result.message_id = event.id.to_string();
                 slots.push(index);
                 valid.push(event);
             }

@@ -188,7 +188,7 @@ struct SetMetadata {
 
 impl Stage for SetMetadata {
     fn apply(&self, event: &mut Event) -> Result<(), String> {
-        event.metadata.insert(self.key.clone(), self.value.clone());
+        std::sync::Arc::make_mut(&mut event.metadata).insert(self.key.clone(), self.value.clone());
         Ok(())
     }
 
@@ -235,8 +235,7 @@ impl Stage for CpuBurn {
                 hash = hash.wrapping_mul(0x0100_0000_01b3);
             }
         }
-        event
-            .metadata
+        std::sync::Arc::make_mut(&mut event.metadata)
             .insert("cpu_digest".into(), format!("{hash:016x}"));
         Ok(())
     }
@@ -265,7 +264,8 @@ mod tests {
             metadata: metadata
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<BTreeMap<_, _>>(),
+                .collect::<BTreeMap<_, _>>()
+                .into(),
             attempt: 1,
             headers: BTreeMap::new(),
         }

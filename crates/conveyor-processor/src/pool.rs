@@ -114,8 +114,11 @@ impl Processor {
         match self.sink.recent_ids(self.config.dedupe_window).await {
             Ok(ids) if !ids.is_empty() => {
                 let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                for id in &ids {
-                    seen.insert(id);
+                for id in ids
+                    .iter()
+                    .map(|id| std::sync::Arc::<str>::from(id.as_str()))
+                {
+                    seen.insert(&id);
                 }
                 tracing::info!(ids = ids.len(), "seen-id window seeded from the sink");
             }
@@ -517,7 +520,7 @@ mod tests {
     fn event(id: &str, poison: bool) -> Event {
         let mut event = conveyor_queue::conformance::event(id);
         if poison {
-            event.metadata.insert("poison".into(), "yes".into());
+            std::sync::Arc::make_mut(&mut event.metadata).insert("poison".into(), "yes".into());
         }
         event
     }

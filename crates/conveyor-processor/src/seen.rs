@@ -23,7 +23,8 @@ impl SeenIds {
         self.set.contains(id)
     }
 
-    pub fn insert(&mut self, id: &str) {
+    /// Remembers `id`, sharing the event's own copy of it.
+    pub fn insert(&mut self, id: &Arc<str>) {
         if self.limit == 0 || self.set.contains(id) {
             return;
         }
@@ -32,9 +33,8 @@ impl SeenIds {
         {
             self.set.remove(&oldest);
         }
-        let id: Arc<str> = Arc::from(id);
-        self.set.insert(Arc::clone(&id));
-        self.order.push_back(id);
+        self.set.insert(Arc::clone(id));
+        self.order.push_back(Arc::clone(id));
     }
 
     pub fn len(&self) -> usize {
@@ -53,11 +53,12 @@ mod tests {
     #[test]
     fn forgets_the_oldest_beyond_its_limit() {
         let mut seen = SeenIds::new(2);
-        seen.insert("a");
-        seen.insert("b");
-        seen.insert("a");
+        let [a, b, c]: [Arc<str>; 3] = ["a".into(), "b".into(), "c".into()];
+        seen.insert(&a);
+        seen.insert(&b);
+        seen.insert(&a);
         assert!(seen.contains("a") && seen.contains("b"));
-        seen.insert("c");
+        seen.insert(&c);
         assert!(!seen.contains("a"), "the oldest is forgotten");
         assert!(seen.contains("b") && seen.contains("c"));
         assert_eq!(seen.len(), 2);

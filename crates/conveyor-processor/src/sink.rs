@@ -295,7 +295,7 @@ mod tests {
             timestamp_ms: 5,
             payload: bytes::Bytes::from_static(payload),
             content_type,
-            metadata: BTreeMap::from([("k".to_owned(), "v\n".to_owned())]),
+            metadata: BTreeMap::from([("k".to_owned(), "v\n".to_owned())]).into(),
             attempt: 2,
             headers: BTreeMap::new(),
         }
@@ -355,7 +355,7 @@ mod tests {
             let sink = FileSink::open(&path).expect("open");
             let events: Vec<Event> = (0..5)
                 .map(|i| Event {
-                    id: format!("e{i}"),
+                    id: format!("e{i}").into(),
                     ..event(b"1", ContentType::Json)
                 })
                 .collect();

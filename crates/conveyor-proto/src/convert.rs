@@ -17,12 +17,12 @@ pub fn draft_from_request(request: v1::IngestRequest) -> EventDraft {
 
 pub fn event_to_wire(event: Event) -> v1::Event {
     v1::Event {
-        id: event.id,
-        source: event.source,
+        id: event.id.to_string(),
+        source: event.source.to_string(),
         timestamp_ms: event.timestamp_ms,
         payload: event.payload,
         content_type: event.content_type.as_mime().to_owned(),
-        metadata: event.metadata,
+        metadata: std::sync::Arc::unwrap_or_clone(event.metadata),
         attempt: event.attempt,
         headers: event.headers,
     }
@@ -30,12 +30,12 @@ pub fn event_to_wire(event: Event) -> v1::Event {
 
 pub fn event_from_wire(event: v1::Event) -> Event {
     Event {
-        id: event.id,
-        source: event.source,
+        id: event.id.into(),
+        source: event.source.into(),
         timestamp_ms: event.timestamp_ms,
         payload: event.payload,
         content_type: ContentType::from_mime(&event.content_type),
-        metadata: event.metadata,
+        metadata: event.metadata.into(),
         attempt: event.attempt,
         headers: event.headers,
     }

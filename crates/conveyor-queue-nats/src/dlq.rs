@@ -147,9 +147,9 @@ impl DeadLetterQueue for NatsDeadLetters {
         let mut taken = Vec::new();
         let mut found = Vec::new();
         for (sequence, letter) in all {
-            let wanted = ids.is_none_or(|ids| ids.contains(&letter.event.id));
+            let wanted = ids.is_none_or(|ids| ids.iter().any(|id| **id == *letter.event.id));
             if wanted && matches!(stream.delete_message(sequence).await, Ok(true)) {
-                found.push(letter.event.id.clone());
+                found.push(letter.event.id.to_string());
                 taken.push(letter);
             }
         }

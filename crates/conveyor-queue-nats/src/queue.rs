@@ -192,8 +192,12 @@ pub(crate) fn decode(message: &async_nats::Message, stream_sequence: u64) -> Eve
         return conveyor_proto::event_from_wire(wire);
     }
     Event {
-        id: header("Nats-Msg-Id").unwrap_or_else(|| format!("nats-{stream_sequence}")),
-        source: header(SOURCE_HEADER).unwrap_or_else(|| message.subject.to_string()),
+        id: header("Nats-Msg-Id")
+            .unwrap_or_else(|| format!("nats-{stream_sequence}"))
+            .into(),
+        source: header(SOURCE_HEADER)
+            .unwrap_or_else(|| message.subject.to_string())
+            .into(),
         timestamp_ms: conveyor_core::now_ms(),
         payload: message.payload.clone(),
         content_type: if serde_json_free_is_json(&message.payload) {

@@ -65,12 +65,12 @@ impl Queue for Guarded {
 /// A test event with the given id.
 pub fn event(id: &str) -> Event {
     Event {
-        id: id.to_owned(),
+        id: id.into(),
         source: "conformance".into(),
         timestamp_ms: 1,
         payload: Bytes::from(format!("{{\"id\":\"{id}\"}}")),
         content_type: ContentType::Json,
-        metadata: BTreeMap::from([("case".to_owned(), "conformance".to_owned())]),
+        metadata: BTreeMap::from([("case".to_owned(), "conformance".to_owned())]).into(),
         attempt: 0,
         headers: BTreeMap::new(),
     }
@@ -110,12 +110,15 @@ async fn assert_quiet(consumer: &mut dyn Consumer, quiet: Duration, why: &str) {
     assert!(
         extra.is_empty(),
         "{why}: got {:?}",
-        extra.iter().map(|d| d.event.id.clone()).collect::<Vec<_>>()
+        extra
+            .iter()
+            .map(|d| d.event.id.to_string())
+            .collect::<Vec<_>>()
     );
 }
 
 fn sorted_ids(deliveries: &[Delivery]) -> Vec<String> {
-    let mut ids: Vec<String> = deliveries.iter().map(|d| d.event.id.clone()).collect();
+    let mut ids: Vec<String> = deliveries.iter().map(|d| d.event.id.to_string()).collect();
     ids.sort();
     ids
 }
@@ -127,7 +130,7 @@ where
 {
     let queue = factory(1000).await;
     let sent = events("sr", 200);
-    let mut expected: Vec<String> = sent.iter().map(|e| e.id.clone()).collect();
+    let mut expected: Vec<String> = sent.iter().map(|e| e.id.to_string()).collect();
     expected.sort();
     publish_all(queue.as_ref(), sent.clone()).await;
     let mut consumer = queue.subscribe().await.expect("subscribe");

@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -109,20 +110,43 @@ impl State {
     }
 }
 
-/// Remembers the last `limit` dedupe keys.
+/// Remembers the last `limit` dedupe keys as 128-bit fingerprints: no allocation per key, and
+/// a false "duplicate" (two different keys with one fingerprint inside the window) has odds
+/// around 2^-100 per publish.
 struct DedupeWindow {
-    seen: HashSet<String>,
-    order: VecDeque<String>,
+    seen: HashSet<u128>,
+    order: VecDeque<u128>,
     limit: usize,
+    /// Two independently keyed hashers: together, one 128-bit fingerprint.
+    hashers: (RandomState, RandomState),
 }
 
 impl DedupeWindow {
-    /// Records `key`; false if it was already inside the window.
-    fn insert(&mut self, key: String) -> bool {
+    fn new(limit: usize) -> Self {
+        DedupeWindow {
+            seen: HashSet::with_capacity(limit.min(1 << 20)),
+            order: VecDeque::with_capacity(limit.min(1 << 20)),
+            limit,
+            hashers: (RandomState::new(), RandomState::new()),
+        }
+    }
+
+    fn fingerprint(&self, event: &Event) -> u128 {
+        let hash = |state: &RandomState| {
+            let mut hasher = state.build_hasher();
+            event.hash_dedupe_key(&mut hasher);
+            hasher.finish()
+        };
+        (u128::from(hash(&self.hashers.0)) << 64) | u128::from(hash(&self.hashers.1))
+    }
+
+    /// Records the event's dedupe key; false if it was already inside the window.
+    fn insert(&mut self, event: &Event) -> bool {
         if self.limit == 0 {
             return true;
         }
-        if self.seen.contains(&key) {
+        let key = self.fingerprint(event);
+        if !self.seen.insert(key) {
             return false;
         }
         if self.order.len() == self.limit
@@ -130,7 +154,6 @@ impl DedupeWindow {
         {
             self.seen.remove(&oldest);
         }
-        self.seen.insert(key.clone());
         self.order.push_back(key);
         true
     }
@@ -146,11 +169,7 @@ impl MemoryQueue {
                     delayed: BinaryHeap::new(),
                     in_flight: 0,
                     closed: false,
-                    dedupe: DedupeWindow {
-                        seen: HashSet::new(),
-                        order: VecDeque::new(),
-                        limit: config.dedupe_window,
-                    },
+                    dedupe: DedupeWindow::new(config.dedupe_window),
                     sequence: 0,
                     stats: QueueStats {
                         backend: "memory".into(),
@@ -176,7 +195,7 @@ impl MemoryQueue {
                     Err(PublishError::Closed)
                 } else if state.held() >= self.shared.capacity {
                     Err(PublishError::Full)
-                } else if !state.dedupe.insert(event.dedupe_key()) {
+                } else if !state.dedupe.insert(&event) {
                     state.stats.duplicates += 1;
                     Ok(Published::Duplicate)
                 } else {
@@ -196,7 +215,12 @@ impl MemoryQueue {
         results
     }
 
-    /// Takes up to `max` ready events without waiting.
+    /// Takes up to `max` ready deliveries without waiting.
+    pub fn try_fetch(&self, max: usize) -> Vec<Delivery> {
+        self.try_take(max).0
+    }
+
+    /// Takes up to `max` ready events without waiting, and when the next delayed one is due.
     fn try_take(&self, max: usize) -> (Vec<Delivery>, Option<Instant>) {
         let mut state = self.shared.lock();
         state.promote_due(Instant::now());

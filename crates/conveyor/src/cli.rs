@@ -26,6 +26,8 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Consumes the queue with a worker pool and writes to the sink.
     Processor(ProcessorArgs),
+    /// Sends events to a conveyor and measures latency and accepted/processed events per second.
+    Load(conveyor_load::LoadArgs),
 }
 
 #[derive(Debug, Args)]

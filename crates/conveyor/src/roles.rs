@@ -44,6 +44,13 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         Command::Gateway(args) => gateway(args).await,
         Command::Ingest(args) => ingest(args).await,
         Command::Processor(args) => processor(args).await,
+        Command::Load(args) => conveyor_load::run(args)
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                conveyor_load::LoadError::Config(message) => Failure::Config(message),
+                other => Failure::Runtime(other.into()),
+            }),
     }
 }
 

@@ -8,6 +8,7 @@ mod backpressure;
 mod bad_input;
 mod config;
 mod dlq;
+mod load;
 mod nats;
 mod shutdown;
 mod split;
