@@ -20,7 +20,8 @@ pub const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 pub struct HttpDriver {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: `post(&str)` would parse it again for every request.
+    url: reqwest::Url,
     content_type: &'static str,
     batch: bool,
     /// The single event body, or the largest batch body.
@@ -30,9 +31,15 @@ pub struct HttpDriver {
 }
 
 impl HttpDriver {
-    pub fn new(plan: &Plan, client: reqwest::Client) -> HttpDriver {
+    pub fn new(plan: &Plan, client: reqwest::Client) -> Result<HttpDriver, String> {
+        let path = match plan.mode {
+            Mode::Batch => "/api/v1/ingest/batch",
+            Mode::Http | Mode::Grpc => "/api/v1/ingest",
+        };
+        let url = reqwest::Url::parse(&format!("{}{path}", plan.target))
+            .map_err(|e| format!("'{}' is not a valid URL: {e}", plan.target))?;
         let event = body::event_json(&plan.source, plan.payload_bytes);
-        match plan.mode {
+        Ok(match plan.mode {
             Mode::Batch => {
                 let line_len = event.len() + 1;
                 let lines = usize::try_from(plan.per_request).unwrap_or(usize::MAX);
@@ -43,7 +50,7 @@ impl HttpDriver {
                 }
                 HttpDriver {
                     client,
-                    url: format!("{}/api/v1/ingest/batch", plan.target),
+                    url,
                     content_type: "application/x-ndjson",
                     batch: true,
                     body: Bytes::from(text),
@@ -52,13 +59,13 @@ impl HttpDriver {
             }
             Mode::Http | Mode::Grpc => HttpDriver {
                 client,
-                url: format!("{}/api/v1/ingest", plan.target),
+                url,
                 content_type: "application/json",
                 batch: false,
                 line_len: event.len(),
                 body: Bytes::from(event),
             },
-        }
+        })
     }
 
     /// The body of a request carrying `events` events (every line is the same, so a shorter
@@ -82,7 +89,7 @@ impl HttpDriver {
             let sent = Instant::now();
             let answer = self
                 .client
-                .post(&self.url)
+                .post(self.url.clone())
                 .header(reqwest::header::CONTENT_TYPE, self.content_type)
                 .body(self.body(claim.events))
                 .send()

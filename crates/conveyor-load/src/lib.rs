@@ -140,7 +140,7 @@ pub async fn execute(args: &LoadArgs) -> Result<Report, LoadError> {
     };
 
     let mut workers = JoinSet::new();
-    let http = Arc::new(HttpDriver::new(&plan, client));
+    let http = Arc::new(HttpDriver::new(&plan, client).map_err(LoadError::Config)?);
     for _ in 0..plan.connections {
         let recorder = Recorder::new(start, Arc::clone(&timeline), Arc::clone(&live));
         let work = Arc::clone(&work);
