@@ -1,5 +1,5 @@
 # Task runner; CI runs `make test` through .ci/run.
-.PHONY: demo test lint fmt build
+.PHONY: demo test lint fmt build bench bench-e2e
 
 ## Run the whole system in one process (memory queue) on :8080 and print where to look.
 demo:
@@ -18,3 +18,15 @@ fmt:
 
 build:
 	cargo build --workspace
+
+## Micro-benchmarks (criterion; allocation counts printed first).
+bench:
+	cargo bench -p conveyor-queue --bench memory_queue
+	cargo bench -p conveyor-processor --bench worker_pool
+	cargo bench -p conveyor-core --bench decode
+	cargo bench -p conveyor-proto --bench protobuf
+	cargo bench -p conveyor-queue-nats --bench nats_path
+
+## End-to-end benchmark: ceiling, run, split, NATS, scaling; appends to BENCHMARKS.md.
+bench-e2e:
+	bash scripts/bench-e2e.sh

@@ -163,6 +163,8 @@ fn draft_from_raw(raw: RawBody, idempotency_key: Option<&str>) -> Result<EventDr
         content_type,
         metadata,
         headers: BTreeMap::new(),
+        // `data` was parsed as JSON (or decoded as a JSON string) right above.
+        payload_checked: true,
     })
 }
 

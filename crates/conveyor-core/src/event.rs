@@ -101,6 +101,9 @@ pub struct EventDraft {
     pub content_type: ContentType,
     pub metadata: BTreeMap<String, String>,
     pub headers: BTreeMap<String, String>,
+    /// The payload was already checked against its content type by whoever built the draft
+    /// (the JSON body parser has parsed `data`), so validation need not parse it again.
+    pub payload_checked: bool,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -63,6 +63,7 @@ pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
         ));
     }
     match draft.content_type {
+        _ if draft.payload_checked => {}
         ContentType::Json => {
             if serde_json::from_slice::<&serde_json::value::RawValue>(&draft.payload).is_err() {
                 return Err(ApiError::field(

@@ -9,6 +9,7 @@
 //! [`EnqueueForwarder`] is the publisher a split-mode ingest uses with the memory queue: it
 //! hands events to the processor that holds the queue (`POST /enqueue`).
 
+pub mod coalesce;
 pub mod forward;
 pub mod grpc;
 pub mod http;
@@ -22,6 +23,7 @@ use conveyor_core::stats::IngestStats;
 use conveyor_core::{ApiError, ErrorCode, EventDraft, Limits, validate};
 use conveyor_queue::{Health, PublishError, Publisher};
 
+pub use coalesce::{CoalescingIntake, CoalescingPublisher};
 pub use forward::EnqueueForwarder;
 pub use remote::RemoteIntake;
 

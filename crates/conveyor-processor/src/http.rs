@@ -100,6 +100,7 @@ async fn enqueue_inner(
             content_type: event.content_type,
             metadata: std::sync::Arc::unwrap_or_clone(event.metadata),
             headers: event.headers,
+            payload_checked: false,
         };
         let mut result = v1::EventResult {
             index: index as u32,

@@ -12,6 +12,7 @@ pub fn draft_from_request(request: v1::IngestRequest) -> EventDraft {
         content_type: ContentType::from_mime(&request.content_type),
         metadata: request.metadata,
         headers: Default::default(),
+        payload_checked: false,
     }
 }
 

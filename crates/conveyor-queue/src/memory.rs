@@ -9,7 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -114,7 +114,7 @@ impl State {
 /// a false "duplicate" (two different keys with one fingerprint inside the window) has odds
 /// around 2^-100 per publish.
 struct DedupeWindow {
-    seen: HashSet<u128>,
+    seen: HashSet<u128, BuildHasherDefault<FingerprintHasher>>,
     order: VecDeque<u128>,
     limit: usize,
     /// Two independently keyed hashers: together, one 128-bit fingerprint.
@@ -124,7 +124,7 @@ struct DedupeWindow {
 impl DedupeWindow {
     fn new(limit: usize) -> Self {
         DedupeWindow {
-            seen: HashSet::with_capacity(limit.min(1 << 20)),
+            seen: HashSet::with_capacity_and_hasher(limit.min(1 << 20), Default::default()),
             order: VecDeque::with_capacity(limit.min(1 << 20)),
             limit,
             hashers: (RandomState::new(), RandomState::new()),
@@ -156,6 +156,27 @@ impl DedupeWindow {
         }
         self.order.push_back(key);
         true
+    }
+}
+
+/// Fingerprints are already uniformly distributed (keyed SipHash output): hashing them again
+/// for the set would only cost time, so the set uses their low 64 bits as they are.
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
     }
 }
 

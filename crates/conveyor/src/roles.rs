@@ -12,7 +12,9 @@ use conveyor_gateway::peers::{LocalIngest, LocalProcessor, Remote, RemoteIngest,
 use conveyor_gateway::{Gateway, IngestPeer, ProcessorPeer};
 use conveyor_ingest::grpc::IngestGrpc;
 use conveyor_ingest::http::{self as ingest_http, HttpLimits};
-use conveyor_ingest::{EnqueueForwarder, Ingest, Intake, RemoteIntake};
+use conveyor_ingest::{
+    CoalescingIntake, CoalescingPublisher, EnqueueForwarder, Ingest, Intake, RemoteIntake,
+};
 use conveyor_processor::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{Processor, ProcessorConfig, sink};
@@ -25,6 +27,12 @@ use crate::cli::{
     QueueType, RunArgs,
 };
 use crate::shutdown;
+
+/// Batches a split-mode hop keeps on the wire at once; requests arriving meanwhile are sent
+/// together as the next batch (see `conveyor_ingest::coalesce`).
+const COALESCE_IN_FLIGHT: usize = 8;
+/// Largest coalesced batch, in events.
+const COALESCE_MAX_BATCH: usize = 2048;
 
 pub enum Failure {
     /// Bad configuration: exit code 64.
@@ -93,8 +101,14 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
 
 async fn gateway(args: GatewayArgs) -> Result<(), Failure> {
     let limits = http_limits(&args.intake);
-    let intake = RemoteIntake::new(&args.ingest_url, limits.max_body_bytes)
+    let remote = RemoteIntake::new(&args.ingest_url, limits.max_body_bytes)
         .map_err(|e| Failure::Config(format!("INGEST_URL (--ingest-url): {e}")))?;
+    // Several batches per ingest endpoint on the wire at once; concurrent requests share them.
+    let intake = CoalescingIntake::new(
+        Arc::new(remote),
+        COALESCE_IN_FLIGHT * args.ingest_url.len(),
+        COALESCE_MAX_BATCH,
+    );
     let readiness = Readiness::default();
     let gateway = Gateway {
         intake: Arc::new(intake),
@@ -126,7 +140,11 @@ async fn gateway(args: GatewayArgs) -> Result<(), Failure> {
 async fn ingest(args: IngestArgs) -> Result<(), Failure> {
     let publisher: Arc<dyn Publisher> = match args.queue.queue_type {
         // With the memory queue, the queue lives in the processor: hand events to it.
-        QueueType::Memory => Arc::new(EnqueueForwarder::new(&args.processor_url)),
+        QueueType::Memory => Arc::new(CoalescingPublisher::new(
+            Arc::new(EnqueueForwarder::new(&args.processor_url)),
+            COALESCE_IN_FLIGHT,
+            COALESCE_MAX_BATCH,
+        )),
         QueueType::Nats => Arc::new(connect_nats(&args.queue, 0).await?.0),
         other => return Err(not_built(other)),
     };

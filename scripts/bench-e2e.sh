@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: every path measured in the same run on the same machine, next to its
+# baseline (a bare axum server that parses the same body: the ceiling), then appended to
+# BENCHMARKS.md. Servers are pinned to CPU 0 and the load generator to CPU 1, so on a 2-core
+# machine the generator does not steal the server's core and ratios are comparable.
+#
+#   make bench-e2e                 # DURATION=10 seconds per scenario
+#   DURATION=5 APPEND=0 make bench-e2e
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+APPEND=${APPEND:-1}
+STAGE_CPU=${STAGE_CPU:-cpu:200}
+
+echo "==> building release binaries"
+cargo build --release -q -p conveyor -p conveyor-load --bins
+B=$PWD/target/release/conveyor
+CEILING=$PWD/target/release/conveyor-ceiling
+NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
+out=$(mktemp -d /tmp/conveyor-bench.XXXX)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+if [ "$(nproc)" -ge 2 ]; then SERVER_CPUS=0; LOAD_CPUS=1; else SERVER_CPUS=0; LOAD_CPUS=0; fi
+
+# start NAME CPUS CMD...: runs CMD pinned, waits for its listening line; sets URL and PID.
+start() {
+  local name=$1 cpus=$2; shift 2
+  if [ -n "$cpus" ]; then taskset -c "$cpus" "$@" >"$out/$name.out" 2>"$out/$name.err" &
+  else "$@" >"$out/$name.out" 2>"$out/$name.err" & fi
+  PID=$!; pids+=("$PID")
+  for _ in $(seq 1 300); do
+    URL=$(grep -o 'listening on http://[0-9.:]*' "$out/$name.out" 2>/dev/null | head -1 | sed 's/listening on //') || true
+    [ -n "$URL" ] && return 0
+    sleep 0.1
+  done
+  echo "$name did not start:"; cat "$out/$name.err"; exit 1
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+rss_mib() { awk '/^VmRSS/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
+hwm_mib() { awk '/^VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
+
+# load NAME TARGET ARGS...: runs the generator pinned; the report lands in $out/NAME.json.
+load() {
+  local name=$1 target=$2; shift 2
+  taskset -c "$LOAD_CPUS" "$B" load --target "$target" --duration "$DURATION" --progress none \
+    --settle-timeout 60 --report "$out/$name.json" "$@" >"$out/$name.txt" 2>&1 || {
+    echo "load $name failed:"; cat "$out/$name.txt"; exit 1; }
+}
+
+rows="$out/rows.tsv"; : >"$rows"
+# row LABEL REPORT RSS_IDLE RSS_PEAK
+row() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$rows"; }
+
+scenario() { # LABEL NAME MODE CONNECTIONS [server start args...]; the server is already running as $PID at $URL
+  local label=$1 name=$2 mode=$3 conns=$4 idle
+  idle=$(rss_mib "$PID")
+  load "$name" "$URL" --mode "$mode" --connections "$conns"
+  row "$label" "$out/$name.json" "$idle" "$(hwm_mib "$PID")"
+}
+
+echo "==> ceiling: bare axum server parsing the same body"
+start ceiling "$SERVER_CPUS" "$CEILING" --host 127.0.0.1 --port 0
+scenario "ceiling (bare axum), HTTP single, 64 conn" ceiling-http http 64
+scenario "ceiling (bare axum), HTTP NDJSON x1000, 4 conn" ceiling-batch batch 4
+stop "$PID"
+
+echo "==> conveyor run (memory queue, blackhole sink)"
+start run-http "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink blackhole
+scenario "conveyor run, HTTP single, 64 conn" run-http http 64
+stop "$PID"
+start run-batch "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink blackhole
+scenario "conveyor run, HTTP NDJSON x1000, 4 conn" run-batch batch 4
+stop "$PID"
+start run-file "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink "file:$out/run.ndjson"
+scenario "conveyor run, HTTP NDJSON x1000, 4 conn, file sink" run-file batch 4
+stop "$PID"
+start run-grpc "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink blackhole
+scenario "conveyor run, gRPC Publish stream, 4 conn" run-grpc grpc 4
+stop "$PID"
+
+echo "==> split mode (three processes on the server core)"
+split() { # NAME QUEUE_ENV...
+  local name=$1; shift
+  start "$name-p" "$SERVER_CPUS" env "$@" "$B" processor --host 127.0.0.1 --port 0 --sink blackhole; local p=$URL ppid=$PID
+  start "$name-i" "$SERVER_CPUS" env "$@" "$B" ingest --host 127.0.0.1 --port 0 --processor-url "$p"; local i=$URL
+  start "$name-g" "$SERVER_CPUS" "$B" gateway --host 127.0.0.1 --port 0 --ingest-url "$i" --processor-url "$p"
+  SPLIT_PROCESSOR=$ppid
+}
+split split-http QUEUE_TYPE=memory
+scenario "split mode, HTTP single, 64 conn" split-http http 64
+split split-batch QUEUE_TYPE=memory
+scenario "split mode, HTTP NDJSON x1000, 4 conn" split-batch batch 4
+
+echo "==> NATS JetStream (private nats-server on the server core, file storage)"
+nats_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+taskset -c "$SERVER_CPUS" "$NATS_SERVER" -js -a 127.0.0.1 -p "$nats_port" -sd "$out/nats" >"$out/nats.log" 2>&1 &
+pids+=("$!"); sleep 1
+split nats-batch QUEUE_TYPE=nats NATS_URL="nats://127.0.0.1:$nats_port"
+scenario "split mode on NATS, HTTP NDJSON x1000, 4 conn" nats-batch batch 4
+
+echo "==> scaling: 1, 2, 3 processors on NATS with a CPU-heavy stage ($STAGE_CPU), unpinned"
+scaling="$out/scaling.tsv"; : >"$scaling"
+for n in 1 2 3; do
+  stream="SCALE$n"
+  env=(QUEUE_TYPE=nats NATS_URL="nats://127.0.0.1:$nats_port" CONVEYOR_NATS_STREAM="$stream" CONVEYOR_NATS_SUBJECT="scale.$n")
+  purls=()
+  for k in $(seq 1 "$n"); do
+    start "scale$n-p$k" "" env "${env[@]}" "$B" processor --host 127.0.0.1 --port 0 --sink blackhole --stage "$STAGE_CPU"
+    purls+=("$URL")
+  done
+  start "scale$n-i" "" env "${env[@]}" "$B" ingest --host 127.0.0.1 --port 0
+  ingest=$URL
+  start "scale$n-g" "" "$B" gateway --host 127.0.0.1 --port 0 --ingest-url "$ingest" --processor-url "$(IFS=,; echo "${purls[*]}")"
+  "$B" load --target "$URL" --mode batch --connections 4 --duration "$DURATION" --progress none \
+    --settle-timeout 120 --report "$out/scale$n.json" >"$out/scale$n.txt" 2>&1
+  printf '%s\t%s\n' "$n" "$out/scale$n.json" >>"$scaling"
+done
+
+python3 - "$rows" "$scaling" "$DURATION" "$STAGE_CPU" >"$out/table.md" <<'PY'
+import json, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+scaling = [l.rstrip("\n").split("\t") for l in open(sys.argv[2]) if l.strip()]
+duration, stage = sys.argv[3], sys.argv[4]
+def load(path): return json.load(open(path))
+def ms(us): return f"{us/1000:.2f}"
+ceil = {}
+for label, path, idle, peak in rows:
+    r = load(path)
+    if label.startswith("ceiling"):
+        ceil["single" if "single" in label else "batch"] = r["accepted_per_sec"]
+print(f"| scenario ({duration} s each) | accepted ev/s | processed ev/s | p50 ms | p99 ms | RSS idle / peak MiB | vs ceiling |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for label, path, idle, peak in rows:
+    r = load(path)
+    acc = r["accepted_per_sec"]
+    proc = r["processed"].get("per_sec")
+    kind = "batch" if ("NDJSON" in label or "gRPC" in label) else "single"
+    ratio = f"{100*acc/ceil[kind]:.0f}%" if kind in ceil and not label.startswith("ceiling") else "100%" if label.startswith("ceiling") else ""
+    lat = r["latency_us"]
+    procs = f"{proc:,.0f}" if proc else "n/a"
+    print(f"| {label} | {acc:,.0f} | {procs} | {ms(lat['p50'])} | {ms(lat['p99'])} | {idle} / {peak} | {ratio} |")
+print()
+print(f"Scaling on NATS with stage `{stage}` (processors, ingest, gateway, generator and nats-server unpinned on the same cores):")
+print()
+print("| processors | processed ev/s | vs 1 processor |")
+print("|---:|---:|---:|")
+base = None
+for n, path in scaling:
+    p = load(path)["processed"].get("per_sec") or 0
+    base = base or p
+    print(f"| {n} | {p:,.0f} | {100*p/base:.0f}% |")
+PY
+
+cat "$out/table.md"
+if [ "$APPEND" = 1 ]; then
+  {
+    echo
+    echo "## End to end, $(date -u +%Y-%m-%d) (\`make bench-e2e\`, commit $(git rev-parse --short HEAD))"
+    echo
+    echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)."
+    echo "Servers pinned to CPU $SERVER_CPUS, \`conveyor load\` to CPU $LOAD_CPUS; release build; blackhole sink unless noted."
+    echo
+    cat "$out/table.md"
+  } >>BENCHMARKS.md
+  echo "appended to BENCHMARKS.md"
+fi
+echo "reports, logs and charts: $out"
