@@ -202,11 +202,21 @@ pub async fn bind(host: &str, port: u16) -> std::io::Result<(TcpListener, Socket
 }
 
 /// Serves `router` until `shutdown` resolves, then finishes in-flight requests and returns.
+///
+/// Accepted connections get TCP_NODELAY: a gRPC answer is several small writes (headers, data,
+/// trailers), and with Nagle's algorithm on, the later ones wait for the client's delayed ACK,
+/// up to 40 ms per call.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

@@ -254,6 +254,10 @@ async fn main() -> ExitCode {
         counters: Arc::default(),
         max_batch_events: args.max_batch_events,
     };
+    // TCP_NODELAY, as conveyor's own services set it: a fair ceiling is a tuned one.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        let _ = stream.set_nodelay(true);
+    });
     match axum::serve(listener, router(ceiling, args.max_body_bytes))
         .with_graceful_shutdown(shutdown_signal())
         .await
