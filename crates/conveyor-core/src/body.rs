@@ -54,11 +54,17 @@ pub fn parse_batch(
         )
     };
     if ndjson {
-        let lines: Vec<&[u8]> = body
-            .split(|&b| b == b'\n')
-            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-            .collect();
+        // memchr finds the newlines a word at a time: a byte-by-byte split showed up in profiles.
+        let mut lines: Vec<&[u8]> = Vec::new();
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len())) {
+            let line = &body[start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                lines.push(line);
+            }
+            start = end + 1;
+        }
         if lines.len() > max_events {
             return Err(too_many());
         }

@@ -9,6 +9,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 
+/// mimalloc instead of the system allocator: allocation was about a quarter of all instructions
+/// in the batch ingest path under glibc malloc (callgrind; see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for bad configuration (EX_USAGE in sysexits.h).
 const EXIT_CONFIG: u8 = 64;
 
