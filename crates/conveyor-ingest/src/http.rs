@@ -58,16 +58,21 @@ struct Accepted<'a> {
 
 async fn ingest_one(State(state): State<IntakeState>, headers: HeaderMap, body: Body) -> Response {
     match ingest_one_inner(&state, &headers, body).await {
-        Ok(id) => (
-            StatusCode::ACCEPTED,
-            axum::Json(Accepted {
-                message_id: &id,
-                status: "accepted",
-            }),
-        )
-            .into_response(),
+        Ok(id) => accepted_response(&id),
         Err(error) => HttpError(error).into_response(),
     }
+}
+
+/// The seed's answer to one accepted event: `202 {"messageId":"…","status":"accepted"}`.
+pub fn accepted_response(id: &str) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(Accepted {
+            message_id: id,
+            status: "accepted",
+        }),
+    )
+        .into_response()
 }
 
 async fn ingest_one_inner(
@@ -167,7 +172,9 @@ pub async fn submit_parsed(
     results
 }
 
-fn batch_response(results: Vec<Result<String, ApiError>>) -> Response {
+/// The answer to a batch: per-element results; 202 when all were accepted, 207 when some were,
+/// else the first error's status (with `Retry-After` when retrying can help).
+pub fn batch_response(results: Vec<Result<String, ApiError>>) -> Response {
     let accepted = results.iter().filter(|r| r.is_ok()).count();
     let rejected = results.len() - accepted;
     let first_error = results

@@ -54,3 +54,14 @@ impl Default for NatsConfig {
         }
     }
 }
+
+impl NatsConfig {
+    /// JetStream storage for the streams conveyor creates.
+    pub(crate) fn storage_type(&self) -> async_nats::jetstream::stream::StorageType {
+        if self.file_storage {
+            async_nats::jetstream::stream::StorageType::File
+        } else {
+            async_nats::jetstream::stream::StorageType::Memory
+        }
+    }
+}

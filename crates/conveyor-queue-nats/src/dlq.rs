@@ -3,7 +3,7 @@
 //! pool keeps the event in the work queue instead of dropping it).
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, StorageType, Stream};
+use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, Stream};
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -28,11 +28,7 @@ impl NatsDeadLetters {
             retention: RetentionPolicy::Limits,
             max_messages: config.dlq_capacity,
             discard: DiscardPolicy::New,
-            storage: if config.file_storage {
-                StorageType::File
-            } else {
-                StorageType::Memory
-            },
+            storage: config.storage_type(),
             num_replicas: config.replicas,
             ..Default::default()
         })

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::AckKind;
-use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy};
 use async_nats::jetstream::{self, Context};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
@@ -88,11 +88,7 @@ impl NatsQueue {
                 retention: RetentionPolicy::WorkQueue,
                 max_messages: config.capacity,
                 discard: DiscardPolicy::New,
-                storage: if config.file_storage {
-                    StorageType::File
-                } else {
-                    StorageType::Memory
-                },
+                storage: config.storage_type(),
                 num_replicas: config.replicas,
                 duplicate_window: config.duplicate_window,
                 ..Default::default()

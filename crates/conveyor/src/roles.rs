@@ -18,7 +18,7 @@ use conveyor_ingest::{
 use conveyor_processor::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{Processor, ProcessorConfig, sink};
-use conveyor_queue::{MemoryQueue, MemoryQueueConfig, Publisher, Queue};
+use conveyor_queue::{Health, MemoryQueue, MemoryQueueConfig, Publisher, Queue};
 use conveyor_queue_nats::{NatsConfig, NatsDeadLetters, NatsQueue};
 use tokio::net::TcpListener;
 
@@ -168,30 +168,7 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
             )
             .into_router(limits.max_body_bytes),
         );
-    let scraped = Arc::clone(&ingest);
-    let probed = Arc::clone(&ingest);
-    let probe: ReadyProbe = Arc::new(move || {
-        let ingest = Arc::clone(&probed);
-        Box::pin(async move { ingest.health().await.into_result() })
-    });
-    let router = service_router(
-        routes,
-        readiness.clone(),
-        Some(probe),
-        HttpMetrics::default(),
-        move || {
-            let ingest = Arc::clone(&scraped);
-            async move {
-                let mut out = String::new();
-                metrics::render_ingest(&mut out, &ingest.stats());
-                metrics::render_health(
-                    &mut out,
-                    ingest.health().await == conveyor_queue::Health::Healthy,
-                );
-                out
-            }
-        },
-    );
+    let router = role_router(routes, readiness.clone(), Arc::clone(&ingest));
     let (listener, addr) = listen(&args.serve.host, args.port, "INGEST_PORT").await?;
     announce("ingest", addr);
     serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await
@@ -206,30 +183,7 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
         Limits::default(),
         usize::try_from(args.intake.max_body_bytes).unwrap_or(usize::MAX),
     );
-    let scraped = Arc::clone(&processor);
-    let probed = Arc::clone(&processor);
-    let probe: ReadyProbe = Arc::new(move || {
-        let processor = Arc::clone(&probed);
-        Box::pin(async move { processor.health().await.into_result() })
-    });
-    let router = service_router(
-        routes,
-        readiness.clone(),
-        Some(probe),
-        HttpMetrics::default(),
-        move || {
-            let processor = Arc::clone(&scraped);
-            async move {
-                let mut out = String::new();
-                metrics::render_processor(&mut out, &processor.stats().await);
-                metrics::render_health(
-                    &mut out,
-                    processor.health().await == conveyor_queue::Health::Healthy,
-                );
-                out
-            }
-        },
-    );
+    let router = role_router(routes, readiness.clone(), Arc::clone(&processor));
     let (listener, addr) = listen(&args.serve.host, args.port, "PROCESSOR_PORT").await?;
     announce("processor", addr);
     let mut workers = processor.start();
@@ -237,6 +191,57 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     queue.close().await;
     drain(&processor, &mut workers, args.serve.drain_timeout()).await;
     Ok(())
+}
+
+/// What a split-mode ingest or processor shows on `/ready` and `/metrics`.
+trait RoleView: Send + Sync + 'static {
+    fn health(&self) -> impl std::future::Future<Output = Health> + Send;
+    /// Appends the role's own metric families.
+    fn render(&self, out: &mut String) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl RoleView for Ingest {
+    fn health(&self) -> impl std::future::Future<Output = Health> + Send {
+        Intake::health(self)
+    }
+
+    async fn render(&self, out: &mut String) {
+        metrics::render_ingest(out, &self.stats());
+    }
+}
+
+impl RoleView for Processor {
+    fn health(&self) -> impl std::future::Future<Output = Health> + Send {
+        Processor::health(self)
+    }
+
+    async fn render(&self, out: &mut String) {
+        metrics::render_processor(out, &self.stats().await);
+    }
+}
+
+/// A role's routes plus `/health`, `/ready` (following the role's health) and `/metrics`.
+fn role_router<V: RoleView>(routes: Router, readiness: Readiness, view: Arc<V>) -> Router {
+    let probed = Arc::clone(&view);
+    let probe: ReadyProbe = Arc::new(move || {
+        let view = Arc::clone(&probed);
+        Box::pin(async move { view.health().await.into_result() })
+    });
+    service_router(
+        routes,
+        readiness,
+        Some(probe),
+        HttpMetrics::default(),
+        move || {
+            let view = Arc::clone(&view);
+            async move {
+                let mut out = String::new();
+                view.render(&mut out).await;
+                metrics::render_health(&mut out, view.health().await == Health::Healthy);
+                out
+            }
+        },
+    )
 }
 
 fn not_built(queue_type: QueueType) -> Failure {

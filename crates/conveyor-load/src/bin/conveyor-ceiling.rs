@@ -14,12 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
+use conveyor_api::HttpError;
 use conveyor_core::{ApiError, body};
-use serde::Serialize;
+use conveyor_ingest::http::{accepted_response, batch_response};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,43 +59,6 @@ struct Ceiling {
     max_batch_events: usize,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Accepted<'a> {
-    message_id: &'a str,
-    status: &'static str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ItemResult {
-    index: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<ApiError>,
-}
-
-#[derive(Serialize)]
-struct BatchAnswer {
-    accepted: usize,
-    rejected: usize,
-    results: Vec<ItemResult>,
-}
-
-#[derive(Serialize)]
-struct ErrorBody {
-    error: ApiError,
-}
-
-fn status_of(error: &ApiError) -> StatusCode {
-    StatusCode::from_u16(error.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-fn refuse(error: ApiError) -> Response {
-    (status_of(&error), axum::Json(ErrorBody { error })).into_response()
-}
-
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -106,23 +70,16 @@ async fn ingest(State(ceiling): State<Ceiling>, headers: HeaderMap, body: Bytes)
     match body::parse_event(&body, key) {
         Ok(draft) => {
             ceiling.counters.accepted.fetch_add(1, Ordering::Relaxed);
-            let id = draft.id.unwrap_or_else(new_id);
-            (
-                StatusCode::ACCEPTED,
-                axum::Json(Accepted {
-                    message_id: &id,
-                    status: "accepted",
-                }),
-            )
-                .into_response()
+            accepted_response(&draft.id.unwrap_or_else(new_id))
         }
         Err(error) => {
             ceiling.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            refuse(error)
+            HttpError(error).into_response()
         }
     }
 }
 
+/// Parses like conveyor and answers with conveyor's own batch answer, minus the queue.
 async fn ingest_batch(State(ceiling): State<Ceiling>, headers: HeaderMap, body: Bytes) -> Response {
     let ndjson = headers
         .get(header::CONTENT_TYPE)
@@ -130,52 +87,23 @@ async fn ingest_batch(State(ceiling): State<Ceiling>, headers: HeaderMap, body: 
         .is_some_and(|ct| ct.trim().starts_with("application/x-ndjson"));
     let parsed = match body::parse_batch(&body, ndjson, ceiling.max_batch_events) {
         Ok(parsed) => parsed,
-        Err(error) => return refuse(error),
+        Err(error) => return HttpError(error).into_response(),
     };
-    let mut first_error = None;
-    let results: Vec<ItemResult> = parsed
+    let results: Vec<Result<String, ApiError>> = parsed
         .into_iter()
-        .enumerate()
-        .map(|(index, item)| match item {
-            Ok(draft) => ItemResult {
-                index,
-                message_id: Some(draft.id.unwrap_or_else(new_id)),
-                error: None,
-            },
-            Err(error) => {
-                first_error.get_or_insert_with(|| status_of(&error));
-                ItemResult {
-                    index,
-                    message_id: None,
-                    error: Some(error),
-                }
-            }
-        })
+        .map(|item| item.map(|draft| draft.id.unwrap_or_else(new_id)))
         .collect();
-    let accepted = results.iter().filter(|r| r.error.is_none()).count();
-    let rejected = results.len() - accepted;
+    let accepted = results.iter().filter(|r| r.is_ok()).count() as u64;
+    let rejected = results.len() as u64 - accepted;
     ceiling
         .counters
         .accepted
-        .fetch_add(accepted as u64, Ordering::Relaxed);
+        .fetch_add(accepted, Ordering::Relaxed);
     ceiling
         .counters
         .rejected
-        .fetch_add(rejected as u64, Ordering::Relaxed);
-    let status = match (accepted, first_error) {
-        (_, None) => StatusCode::ACCEPTED,
-        (0, Some(status)) => status,
-        (_, Some(_)) => StatusCode::MULTI_STATUS,
-    };
-    (
-        status,
-        axum::Json(BatchAnswer {
-            accepted,
-            rejected,
-            results,
-        }),
-    )
-        .into_response()
+        .fetch_add(rejected, Ordering::Relaxed);
+    batch_response(results)
 }
 
 async fn status(State(ceiling): State<Ceiling>) -> Response {
