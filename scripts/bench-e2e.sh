@@ -100,6 +100,10 @@ pids+=("$!"); sleep 1
 split nats-batch QUEUE_TYPE=nats NATS_URL="nats://127.0.0.1:$nats_port"
 scenario "split mode on NATS, HTTP NDJSON x1000, 4 conn" nats-batch batch 4
 
+echo "==> raw async-nats client vs conveyor's NATS publisher, on the same broker"
+BENCH_NATS_URL="nats://127.0.0.1:$nats_port" EVENTS=${NATS_EVENTS:-100000} \
+  cargo bench -q -p conveyor-queue-nats --bench nats_path 2>/dev/null | grep '^|' >"$out/nats-raw.md"
+
 echo "==> scaling: 1, 2, 3 processors on NATS with a CPU-heavy stage ($STAGE_CPU), unpinned"
 scaling="$out/scaling.tsv"; : >"$scaling"
 for n in 1 2 3; do
@@ -153,6 +157,12 @@ for n, path in scaling:
     print(f"| {n} | {p:,.0f} | {100*p/base:.0f}% |")
 PY
 
+{
+  echo
+  echo "NATS publish path, raw client vs conveyor, same broker as above (\`nats_path\` bench):"
+  echo
+  cat "$out/nats-raw.md"
+} >>"$out/table.md"
 cat "$out/table.md"
 if [ "$APPEND" = 1 ]; then
   {

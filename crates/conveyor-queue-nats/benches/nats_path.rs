@@ -8,7 +8,9 @@
 //!   tasks, as ingest calls it for HTTP batches and gRPC streams (encode, header, PubAck wait,
 //!   duplicate accounting included).
 //!
-//! Run: `cargo bench -p conveyor-queue-nats --bench nats_path` (`EVENTS=N` to change the count).
+//! Run: `cargo bench -p conveyor-queue-nats --bench nats_path` (`EVENTS=N` to change the count;
+//! `BENCH_NATS_URL=nats://…` to use a running server instead of starting one, as
+//! `make bench-e2e` does so both sides share the broker of its end-to-end run).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,12 +35,12 @@ fn event(i: usize) -> conveyor_core::Event {
     event
 }
 
-async fn raw_publish(url: &str, events: usize) -> f64 {
+async fn raw_publish(url: &str, events: usize, round: usize) -> f64 {
     let client = async_nats::connect(url).await.expect("connect");
     let js = jetstream::new(client);
     js.create_stream(stream::Config {
-        name: "RAW".into(),
-        subjects: vec!["raw.events".into()],
+        name: format!("RAW_{round}_{}", std::process::id()),
+        subjects: vec![format!("raw.{round}.{}", std::process::id())],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
@@ -51,7 +53,11 @@ async fn raw_publish(url: &str, events: usize) -> f64 {
     for i in 0..events {
         let (headers, payload) = conveyor_queue_nats::encode_for_bench(event(i));
         let ack = js
-            .publish_with_headers("raw.events", headers, payload)
+            .publish_with_headers(
+                format!("raw.{round}.{}", std::process::id()),
+                headers,
+                payload,
+            )
             .await
             .expect("publish");
         window.push_back(ack);
@@ -67,11 +73,13 @@ async fn raw_publish(url: &str, events: usize) -> f64 {
     events as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn conveyor_publish(url: &str, events: usize) -> f64 {
+async fn conveyor_publish(url: &str, events: usize, round: usize) -> f64 {
     let queue = NatsQueue::connect(NatsConfig {
         url: url.to_owned(),
-        stream: "CONVEYOR_BENCH".into(),
-        subject: "conveyor.bench".into(),
+        stream: format!("CONVEYOR_BENCH_{round}_{}", std::process::id()),
+        subject: format!("conveyor.bench.{round}.{}", std::process::id()),
+        consumer: format!("bench-{round}"),
+        dlq_stream: format!("CONVEYOR_BENCH_DLQ_{round}_{}", std::process::id()),
         capacity: (events * 2) as i64,
         max_in_flight_publishes: WINDOW,
         ..NatsConfig::default()
@@ -112,11 +120,17 @@ fn main() {
         .unwrap_or(200_000);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let mut best = (0f64, 0f64);
-    // Two rounds, alternating, each on a fresh server; keep the best of each side.
+    // Two rounds, alternating, each on a fresh server (or streams of their own on the given
+    // one); keep the best of each side.
+    let shared = std::env::var("BENCH_NATS_URL").ok();
     for round in 1..=2 {
-        let server = NatsServer::start();
-        let raw = runtime.block_on(raw_publish(&server.url(), events));
-        let ours = runtime.block_on(conveyor_publish(&server.url(), events));
+        let own = shared.is_none().then(NatsServer::start);
+        let url = shared
+            .clone()
+            .or_else(|| own.as_ref().map(NatsServer::url))
+            .expect("a server");
+        let raw = runtime.block_on(raw_publish(&url, events, round));
+        let ours = runtime.block_on(conveyor_publish(&url, events, round));
         println!("round {round}: raw {raw:>10.0} ev/s   conveyor {ours:>10.0} ev/s");
         best = (best.0.max(raw), best.1.max(ours));
     }
