@@ -20,6 +20,8 @@ use crate::Intake;
 pub struct RemoteIntake {
     endpoints: Vec<(String, IngestServiceClient<Channel>)>,
     next: AtomicUsize,
+    /// For readiness: asks each ingest's `/ready`.
+    probe: reqwest::Client,
 }
 
 impl RemoteIntake {
@@ -45,6 +47,11 @@ impl RemoteIntake {
         Ok(RemoteIntake {
             endpoints,
             next: AtomicUsize::new(0),
+            probe: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
         })
     }
 
@@ -110,7 +117,22 @@ impl Intake for RemoteIntake {
         vec![Err(last_error); count]
     }
 
+    /// Healthy while at least one ingest answers its `/ready`: requests fail over to it. With
+    /// none, the gateway's own `/ready` turns 503 so a load balancer stops sending it work.
     async fn health(&self) -> Health {
-        Health::Healthy
+        let answers = futures_util::future::join_all(self.urls().map(|url| {
+            let request = self.probe.get(format!("{url}/ready")).send();
+            async move { (url, request.await) }
+        }))
+        .await;
+        let mut problems = Vec::new();
+        for (url, answer) in answers {
+            match answer {
+                Ok(response) if response.status().is_success() => return Health::Healthy,
+                Ok(response) => problems.push(format!("{url} not ready ({})", response.status())),
+                Err(error) => problems.push(format!("{url} unreachable: {error}")),
+            }
+        }
+        Health::Unhealthy(format!("no ingest is ready: {}", problems.join("; ")))
     }
 }

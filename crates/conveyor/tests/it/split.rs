@@ -44,3 +44,35 @@ async fn split_mode_delivers_every_accepted_event_exactly_once() {
     assert!(ledger.len() >= 10_000, "sent {} events", ledger.len());
     assert_all_delivered(gateway, &split.processor, &ledger).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_is_not_ready_while_no_ingest_is_reachable() {
+    let mut split = spawn_split(&[]).await;
+    let (ready, body) = split.gateway.get_json("/ready").await;
+    assert_eq!(ready, 200, "ready with its ingest up: {body}");
+
+    split.ingest.sigkill();
+    let _ = split.ingest.wait_exit(Duration::from_secs(10)).await;
+    let body = eventually(
+        "the gateway's /ready to turn 503 with its only ingest gone",
+        Duration::from_secs(15),
+        async || {
+            let (code, body) = split.gateway.get_json("/ready").await;
+            if code == 503 {
+                Ok(body)
+            } else {
+                Err(format!("{code}: {body}"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ingest")),
+        "the reason names the missing ingest: {body}"
+    );
+    // Liveness is another matter: the gateway process itself is fine.
+    let (live, _) = split.gateway.get_json("/health").await;
+    assert_eq!(live, 200);
+}
