@@ -17,6 +17,7 @@ cargo build --release -q -p conveyor -p conveyor-load --bins
 B=$PWD/target/release/conveyor
 CEILING=$PWD/target/release/conveyor-ceiling
 NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
+TANSU=${TANSU_BIN:-$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")}
 out=$(mktemp -d /tmp/conveyor-bench.XXXX)
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -104,6 +105,18 @@ echo "==> raw async-nats client vs conveyor's NATS publisher, on the same broker
 BENCH_NATS_URL="nats://127.0.0.1:$nats_port" EVENTS=${NATS_EVENTS:-100000} \
   cargo bench -q -p conveyor-queue-nats --bench nats_path 2>/dev/null | grep '^|' >"$out/nats-raw.md"
 
+echo "==> Kafka protocol (private tansu broker on the server core, in-memory storage)"
+kafka_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+taskset -c "$SERVER_CPUS" env RUST_LOG=warn "$TANSU" broker --listener-url "tcp://127.0.0.1:$kafka_port" \
+  --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine memory://tansu/ >"$out/tansu.log" 2>&1 &
+pids+=("$!"); sleep 2
+split kafka-batch QUEUE_TYPE=kafka KAFKA_BROKERS="127.0.0.1:$kafka_port"
+scenario "split mode on Kafka (tansu), HTTP NDJSON x1000, 4 conn" kafka-batch batch 4
+
+echo "==> raw rdkafka producer vs conveyor's Kafka publisher, on the same broker"
+BENCH_KAFKA_BROKERS="127.0.0.1:$kafka_port" EVENTS=${KAFKA_EVENTS:-100000} \
+  cargo bench -q -p conveyor-queue-kafka --bench kafka_path 2>/dev/null | grep '^|' >"$out/kafka-raw.md"
+
 echo "==> scaling: 1, 2, 3 processors on NATS with a CPU-heavy stage ($STAGE_CPU), unpinned"
 scaling="$out/scaling.tsv"; : >"$scaling"
 for n in 1 2 3; do
@@ -162,6 +175,10 @@ PY
   echo "NATS publish path, raw client vs conveyor, same broker as above (\`nats_path\` bench):"
   echo
   cat "$out/nats-raw.md"
+  echo
+  echo "Kafka publish path, raw rdkafka producer vs conveyor, same broker as above (\`kafka_path\` bench):"
+  echo
+  cat "$out/kafka-raw.md"
 } >>"$out/table.md"
 cat "$out/table.md"
 if [ "$APPEND" = 1 ]; then

@@ -24,6 +24,15 @@ if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
 fi
 echo "nats-server: $( (command -v nats-server || echo /usr/sbin/nats-server) )"
 
+# Kafka tests start their own tansu broker (Kafka protocol, in-memory storage). Built from
+# crates.io the first time: several minutes on two cores.
+tansu_bin="${TANSU_BIN:-$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")}"
+if [ ! -x "$tansu_bin" ]; then
+  echo "tansu not found; installing it (cargo install --locked tansu --features dynostore,libsql)"
+  cargo install --locked tansu --features dynostore,libsql
+fi
+echo "tansu: $tansu_bin"
+
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 

@@ -9,6 +9,7 @@
 
 pub mod body;
 pub mod metrics;
+pub mod queue_metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

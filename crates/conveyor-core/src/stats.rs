@@ -25,6 +25,42 @@ pub struct QueueStats {
     pub terminated: u64,
     /// Deliveries beyond the first.
     pub redelivered: u64,
+    /// Kafka: each partition's offsets and consumer-group lag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionStats>,
+    /// Composite: how each backend took the publishes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendStats>,
+}
+
+/// One Kafka partition as the consumer group sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStats {
+    pub partition: i32,
+    /// The next offset the broker will assign (high watermark).
+    pub high_watermark: i64,
+    /// Where the group resumes: every offset below it is processed.
+    pub committed: i64,
+    /// Events in the partition not yet committed by the group (`high_watermark - committed`).
+    pub lag: u64,
+    /// Events of this partition held by this process (delivered, buffered or waiting to retry).
+    pub in_flight: u64,
+}
+
+/// One backend of a composite queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub name: String,
+    /// The backend processors consume from.
+    pub primary: bool,
+    pub healthy: bool,
+    /// Events this backend confirmed.
+    pub published: u64,
+    /// Events this backend refused or failed to confirm.
+    pub failed: u64,
+    /// Events the primary holds and this backend does not (or, for the primary, the other way
+    /// round): how far the copies have drifted apart.
+    pub divergence: u64,
 }
 
 /// What an ingest instance reports.

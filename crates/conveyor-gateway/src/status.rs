@@ -160,6 +160,7 @@ fn sum_queues<'a>(queues: impl Iterator<Item = &'a QueueStats>) -> QueueStats {
             sum.nacked += q.nacked;
             sum.terminated += q.terminated;
             sum.redelivered += q.redelivered;
+            merge_partitions(&mut sum.partitions, &q.partitions);
         } else {
             sum.size += q.size;
             sum.in_flight += q.in_flight;
@@ -173,6 +174,26 @@ fn sum_queues<'a>(queues: impl Iterator<Item = &'a QueueStats>) -> QueueStats {
         }
     }
     sum
+}
+
+/// Kafka partitions as several group members see them: each knows its own partitions best
+/// (the furthest commit), and holds its own in-flight events.
+fn merge_partitions(
+    into: &mut Vec<conveyor_core::stats::PartitionStats>,
+    from: &[conveyor_core::stats::PartitionStats],
+) {
+    for partition in from {
+        match into.iter_mut().find(|p| p.partition == partition.partition) {
+            Some(existing) => {
+                existing.high_watermark = existing.high_watermark.max(partition.high_watermark);
+                existing.committed = existing.committed.max(partition.committed);
+                existing.lag = (existing.high_watermark - existing.committed).max(0) as u64;
+                existing.in_flight += partition.in_flight;
+            }
+            None => into.push(partition.clone()),
+        }
+    }
+    into.sort_by_key(|p| p.partition);
 }
 
 fn totals(ingest: &IngestStats, processor: &ProcessorStats) -> Totals {

@@ -60,6 +60,10 @@ impl Queue for Guarded {
     async fn close(&self) {
         self.queue.close().await
     }
+
+    async fn shutdown(&self) {
+        self.queue.shutdown().await
+    }
 }
 
 /// A test event with the given id.

@@ -15,6 +15,8 @@
 //!   [`PublishError::Full`]; nothing grows without limit.
 //! - **Stats** are counts since start, and depth/in-flight right now.
 
+pub mod composite;
+pub mod dedupe;
 pub mod memory;
 
 #[cfg(feature = "conformance")]
@@ -115,6 +117,10 @@ pub trait Queue: Publisher {
     /// Stop taking publishes (they fail with [`PublishError::Closed`]); consuming goes on so
     /// that what is held can be drained.
     async fn close(&self);
+
+    /// Release the broker's resources once consuming is over: final commits, leaving a
+    /// consumer group, flushing a producer. Bounded in time; called once, last.
+    async fn shutdown(&self) {}
 }
 
 #[async_trait]

@@ -8,8 +8,7 @@
 //! consumer went away) goes back to the front of the queue.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use conveyor_core::stats::QueueStats;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::dedupe::DedupeWindow;
 use crate::{
     Consumer, Delivery, DeliveryHandle, Health, PublishError, Published, Publisher, Queue,
     QueueError, Settlement,
@@ -107,76 +107,6 @@ impl State {
                 self.ready.push_back(delayed.entry);
             }
         }
-    }
-}
-
-/// Remembers the last `limit` dedupe keys as 128-bit fingerprints: no allocation per key, and
-/// a false "duplicate" (two different keys with one fingerprint inside the window) has odds
-/// around 2^-100 per publish.
-struct DedupeWindow {
-    seen: HashSet<u128, BuildHasherDefault<FingerprintHasher>>,
-    order: VecDeque<u128>,
-    limit: usize,
-    /// Two independently keyed hashers: together, one 128-bit fingerprint.
-    hashers: (RandomState, RandomState),
-}
-
-impl DedupeWindow {
-    fn new(limit: usize) -> Self {
-        DedupeWindow {
-            seen: HashSet::with_capacity_and_hasher(limit.min(1 << 20), Default::default()),
-            order: VecDeque::with_capacity(limit.min(1 << 20)),
-            limit,
-            hashers: (RandomState::new(), RandomState::new()),
-        }
-    }
-
-    fn fingerprint(&self, event: &Event) -> u128 {
-        let hash = |state: &RandomState| {
-            let mut hasher = state.build_hasher();
-            event.hash_dedupe_key(&mut hasher);
-            hasher.finish()
-        };
-        (u128::from(hash(&self.hashers.0)) << 64) | u128::from(hash(&self.hashers.1))
-    }
-
-    /// Records the event's dedupe key; false if it was already inside the window.
-    fn insert(&mut self, event: &Event) -> bool {
-        if self.limit == 0 {
-            return true;
-        }
-        let key = self.fingerprint(event);
-        if !self.seen.insert(key) {
-            return false;
-        }
-        if self.order.len() == self.limit
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.seen.remove(&oldest);
-        }
-        self.order.push_back(key);
-        true
-    }
-}
-
-/// Fingerprints are already uniformly distributed (keyed SipHash output): hashing them again
-/// for the set would only cost time, so the set uses their low 64 bits as they are.
-#[derive(Default)]
-struct FingerprintHasher(u64);
-
-impl Hasher for FingerprintHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u128(&mut self, value: u128) {
-        self.0 = value as u64;
     }
 }
 

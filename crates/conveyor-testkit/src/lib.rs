@@ -1,7 +1,8 @@
 //! Test fixtures shared by the backend crates and the end-to-end tests.
 //!
 //! [`NatsServer`] starts a private `nats-server -js` on a free port with its own store
-//! directory, so tests never share a broker, a stream or a port, and kills it on drop. A test
+//! directory, so tests never share a broker, a stream or a port, and kills it on drop;
+//! [`KafkaBroker`] does the same with a tansu broker (Kafka protocol, in-memory storage). A test
 //! that cannot find the binary fails with a message saying how to get it: there is no silent
 //! skip.
 
@@ -95,10 +96,91 @@ fn wait_for_port(port: u16, timeout: Duration) {
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             Instant::now() < deadline,
-            "nats-server did not listen on port {port} within {timeout:?}"
+            "the broker did not listen on port {port} within {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A tansu broker (Kafka protocol) for one test, with in-memory storage.
+pub struct KafkaBroker {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl KafkaBroker {
+    /// Starts a broker and waits until it accepts connections.
+    pub fn start() -> KafkaBroker {
+        let binary = find_tansu();
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            // Its own settings only: nothing inherited from the environment.
+            .env_remove("STORAGE_ENGINE")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let broker = KafkaBroker {
+            child: Some(child),
+            port,
+        };
+        wait_for_port(port, Duration::from_secs(30));
+        broker
+    }
+
+    /// The bootstrap servers list.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
+pub fn find_tansu() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TANSU_BIN") {
+        return PathBuf::from(bin);
+    }
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin"));
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain(cargo_bin)
+        .map(|dir| dir.join("tansu"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "tansu (a Kafka-protocol broker) not found (TANSU_BIN, PATH, ~/.cargo/bin). \
+                 Install it with `cargo install --locked tansu --features dynostore,libsql`, \
+                 or run `make test`, which installs it."
+            )
+        })
 }
 
 /// `NATS_SERVER_BIN`, else `nats-server` on PATH, else Debian's `/usr/sbin/nats-server`.

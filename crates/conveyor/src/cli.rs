@@ -90,7 +90,8 @@ pub struct QueueArgs {
     )]
     pub queue_type: QueueType,
 
-    /// Capacity of the memory queue: most events held at once.
+    /// Capacity: most events held at once (memory), the stream's max messages (NATS), the
+    /// most the consumer group may lag behind (Kafka).
     #[arg(long, env = "QUEUE_SIZE", value_name = "QUEUE_SIZE", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub queue_size: u64,
@@ -106,6 +107,151 @@ pub struct QueueArgs {
 
     #[command(flatten)]
     pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub composite: CompositeArgs,
+}
+
+/// Kafka settings (used with `QUEUE_TYPE=kafka`).
+#[derive(Debug, Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, comma-separated host:port.
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        value_name = "KAFKA_BROKERS",
+        default_value = "localhost:9092"
+    )]
+    pub kafka_brokers: String,
+
+    /// Topic holding the events (created with KAFKA_PARTITIONS when missing).
+    #[arg(
+        long,
+        env = "KAFKA_TOPIC",
+        value_name = "KAFKA_TOPIC",
+        default_value = "conveyor-events"
+    )]
+    pub kafka_topic: String,
+
+    /// Consumer group every processor joins.
+    #[arg(
+        long,
+        env = "KAFKA_CONSUMER_GROUP",
+        value_name = "KAFKA_CONSUMER_GROUP",
+        default_value = "conveyor-processor"
+    )]
+    pub kafka_consumer_group: String,
+
+    /// Partitions of the topics conveyor creates (the most processors that share the work).
+    #[arg(long, env = "KAFKA_PARTITIONS", value_name = "KAFKA_PARTITIONS", default_value_t = 6,
+          value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub kafka_partitions: i32,
+
+    /// Replication factor of the topics conveyor creates.
+    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", value_name = "KAFKA_REPLICATION_FACTOR", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=16))]
+    pub kafka_replication_factor: i32,
+
+    /// What picks an event's partition: source (each source stays in order), id (even
+    /// spread) or none.
+    #[arg(
+        long,
+        env = "KAFKA_PARTITION_KEY",
+        value_name = "KAFKA_PARTITION_KEY",
+        value_enum,
+        default_value = "source"
+    )]
+    pub kafka_partition_key: KafkaPartitionKey,
+
+    /// Extra librdkafka producer settings, `key=value,key=value` (applied last).
+    #[arg(long, env = "KAFKA_PRODUCER_CONFIG", value_name = "KAFKA_PRODUCER_CONFIG",
+          default_value = "", value_parser = parse_librdkafka_settings)]
+    pub kafka_producer_config: LibrdkafkaSettings,
+
+    /// Extra librdkafka consumer settings, `key=value,key=value` (applied last).
+    #[arg(long, env = "KAFKA_CONSUMER_CONFIG", value_name = "KAFKA_CONSUMER_CONFIG",
+          default_value = "", value_parser = parse_librdkafka_settings)]
+    pub kafka_consumer_config: LibrdkafkaSettings,
+
+    /// Topic holding dead letters.
+    #[arg(
+        long,
+        env = "KAFKA_DLQ_TOPIC",
+        value_name = "KAFKA_DLQ_TOPIC",
+        default_value = "conveyor-dlq"
+    )]
+    pub kafka_dlq_topic: String,
+
+    /// Milliseconds the group waits for a silent processor before giving its partitions to
+    /// the others.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", value_name = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    pub kafka_session_timeout_ms: u64,
+
+    /// Milliseconds between commits of the processed watermark.
+    #[arg(long, env = "KAFKA_COMMIT_INTERVAL_MS", value_name = "KAFKA_COMMIT_INTERVAL_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub kafka_commit_interval_ms: u64,
+
+    /// Publishes awaiting their delivery report at once, per process.
+    #[arg(long, env = "KAFKA_MAX_IN_FLIGHT", value_name = "KAFKA_MAX_IN_FLIGHT", default_value_t = 8192,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub kafka_max_in_flight: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaPartitionKey {
+    Source,
+    Id,
+    None,
+}
+
+/// librdkafka settings passed through.
+pub type LibrdkafkaSettings = Vec<(String, String)>;
+
+fn parse_librdkafka_settings(spec: &str) -> Result<LibrdkafkaSettings, String> {
+    conveyor_queue_kafka::parse_overrides(spec)
+}
+
+/// Dual-write settings (used with `QUEUE_TYPE=composite`).
+#[derive(Debug, Args)]
+pub struct CompositeArgs {
+    /// Backends to write to, the primary first (processors consume from it): e.g. nats,kafka.
+    #[arg(
+        long,
+        env = "COMPOSITE_PROVIDERS",
+        value_name = "COMPOSITE_PROVIDERS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nats,kafka"
+    )]
+    pub composite_providers: Vec<CompositeProvider>,
+
+    /// fail-fast: accepted only when every backend confirmed; best-effort: when the primary
+    /// confirmed (failures on the others are counted and shown).
+    #[arg(
+        long,
+        env = "COMPOSITE_STRATEGY",
+        value_name = "COMPOSITE_STRATEGY",
+        value_enum,
+        default_value = "fail-fast"
+    )]
+    pub composite_strategy: CompositeStrategy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum CompositeProvider {
+    Nats,
+    Kafka,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompositeStrategy {
+    FailFast,
+    BestEffort,
 }
 
 /// NATS JetStream settings (used with `QUEUE_TYPE=nats`).

@@ -18,13 +18,15 @@ use conveyor_ingest::{
 use conveyor_processor::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{Processor, ProcessorConfig, sink};
+use conveyor_queue::composite::{CompositeQueue, Strategy};
 use conveyor_queue::{Health, MemoryQueue, MemoryQueueConfig, Publisher, Queue};
+use conveyor_queue_kafka::{KafkaConfig, KafkaDeadLetters, KafkaQueue, PartitionKey};
 use conveyor_queue_nats::{NatsConfig, NatsDeadLetters, NatsQueue};
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    Command, GatewayArgs, IngestArgs, IntakeArgs, NatsStorage, PoolArgs, ProcessorArgs, QueueArgs,
-    QueueType, RunArgs,
+    Command, CompositeProvider, CompositeStrategy, GatewayArgs, IngestArgs, IntakeArgs,
+    KafkaPartitionKey, NatsStorage, PoolArgs, ProcessorArgs, QueueArgs, QueueType, RunArgs,
 };
 use crate::shutdown;
 
@@ -96,6 +98,7 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
     .await?;
     queue.close().await;
     drain(&processor, &mut workers, args.serve.drain_timeout()).await;
+    queue.shutdown().await;
     Ok(())
 }
 
@@ -138,6 +141,8 @@ async fn gateway(args: GatewayArgs) -> Result<(), Failure> {
 }
 
 async fn ingest(args: IngestArgs) -> Result<(), Failure> {
+    // A broker queue is shut down (producer flushed) when serving ends.
+    let mut broker: Option<Arc<dyn Queue>> = None;
     let publisher: Arc<dyn Publisher> = match args.queue.queue_type {
         // With the memory queue, the queue lives in the processor: hand events to it.
         QueueType::Memory => Arc::new(CoalescingPublisher::new(
@@ -145,8 +150,11 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
             COALESCE_IN_FLIGHT,
             COALESCE_MAX_BATCH,
         )),
-        QueueType::Nats => Arc::new(connect_nats(&args.queue, 0).await?.0),
-        other => return Err(not_built(other)),
+        _ => {
+            let queue = open_queue(&args.queue, 0).await?.0;
+            broker = Some(Arc::clone(&queue));
+            queue
+        }
     };
     let ingest = Arc::new(Ingest::new(publisher, Limits::default()));
     let readiness = Readiness::default();
@@ -168,10 +176,18 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
             )
             .into_router(limits.max_body_bytes),
         );
-    let router = role_router(routes, readiness.clone(), Arc::clone(&ingest));
+    let view = IngestRole {
+        ingest: Arc::clone(&ingest),
+        queue: broker.clone(),
+    };
+    let router = role_router(routes, readiness.clone(), Arc::new(view));
     let (listener, addr) = listen(&args.serve.host, args.port, "INGEST_PORT").await?;
     announce("ingest", addr);
-    serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await
+    serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await?;
+    if let Some(queue) = broker {
+        queue.shutdown().await;
+    }
+    Ok(())
 }
 
 async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
@@ -190,6 +206,7 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await?;
     queue.close().await;
     drain(&processor, &mut workers, args.serve.drain_timeout()).await;
+    queue.shutdown().await;
     Ok(())
 }
 
@@ -200,13 +217,24 @@ trait RoleView: Send + Sync + 'static {
     fn render(&self, out: &mut String) -> impl std::future::Future<Output = ()> + Send;
 }
 
-impl RoleView for Ingest {
+/// An ingest instance, and the broker queue it publishes to (none for the memory queue,
+/// which lives in the processor).
+struct IngestRole {
+    ingest: Arc<Ingest>,
+    queue: Option<Arc<dyn Queue>>,
+}
+
+impl RoleView for IngestRole {
     fn health(&self) -> impl std::future::Future<Output = Health> + Send {
-        Intake::health(self)
+        Intake::health(self.ingest.as_ref())
     }
 
     async fn render(&self, out: &mut String) {
-        metrics::render_ingest(out, &self.stats());
+        metrics::render_ingest(out, &self.ingest.stats());
+        // Composite dual-write is counted where the publishing happens: here.
+        if let Some(queue) = &self.queue {
+            conveyor_api::queue_metrics::render_queue_detail(out, &queue.stats().await);
+        }
     }
 }
 
@@ -216,7 +244,9 @@ impl RoleView for Processor {
     }
 
     async fn render(&self, out: &mut String) {
-        metrics::render_processor(out, &self.stats().await);
+        let stats = self.stats().await;
+        metrics::render_processor(out, &stats);
+        conveyor_api::queue_metrics::render_queue_detail(out, &stats.queue);
     }
 }
 
@@ -242,13 +272,6 @@ fn role_router<V: RoleView>(routes: Router, readiness: Readiness, view: Arc<V>) 
             }
         },
     )
-}
-
-fn not_built(queue_type: QueueType) -> Failure {
-    Failure::Config(format!(
-        "QUEUE_TYPE (--queue-type) '{}' is not available in this build yet; use memory or nats",
-        format!("{queue_type:?}").to_lowercase()
-    ))
 }
 
 fn nats_config(args: &QueueArgs, dlq_capacity: u64) -> NatsConfig {
@@ -292,11 +315,89 @@ async fn connect_nats(
     Ok((queue, dlq))
 }
 
-/// The queue and dead-letter queue a processor uses, from `QUEUE_TYPE`.
+fn kafka_config(args: &QueueArgs, dlq_capacity: u64) -> KafkaConfig {
+    let kafka = &args.kafka;
+    KafkaConfig {
+        brokers: kafka.kafka_brokers.clone(),
+        topic: kafka.kafka_topic.clone(),
+        group: kafka.kafka_consumer_group.clone(),
+        partitions: kafka.kafka_partitions,
+        replication_factor: kafka.kafka_replication_factor,
+        partition_key: match kafka.kafka_partition_key {
+            KafkaPartitionKey::Source => PartitionKey::Source,
+            KafkaPartitionKey::Id => PartitionKey::Id,
+            KafkaPartitionKey::None => PartitionKey::None,
+        },
+        capacity: args.queue_size,
+        dedupe_window: args.queue_dedupe_window,
+        max_in_flight_publishes: to_usize(kafka.kafka_max_in_flight),
+        commit_interval: Duration::from_millis(kafka.kafka_commit_interval_ms),
+        session_timeout: Duration::from_millis(kafka.kafka_session_timeout_ms),
+        producer_overrides: kafka.kafka_producer_config.clone(),
+        consumer_overrides: kafka.kafka_consumer_config.clone(),
+        dlq_topic: kafka.kafka_dlq_topic.clone(),
+        dlq_capacity: dlq_capacity.max(1),
+        ..KafkaConfig::default()
+    }
+}
+
+/// Connects to Kafka, creating the topic (and with `dlq_capacity` > 0 the DLQ topic).
+async fn connect_kafka(
+    args: &QueueArgs,
+    dlq_capacity: u64,
+) -> Result<(KafkaQueue, Option<KafkaDeadLetters>), Failure> {
+    let config = kafka_config(args, dlq_capacity);
+    conveyor_queue_kafka::check_settings(&config).map_err(|e| {
+        Failure::Config(format!(
+            "KAFKA_PRODUCER_CONFIG / KAFKA_CONSUMER_CONFIG (--kafka-producer-config / --kafka-consumer-config): {e}"
+        ))
+    })?;
+    let queue = KafkaQueue::connect(config.clone())
+        .await
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("KAFKA_BROKERS {}: {e}", config.brokers)))?;
+    let dlq = if dlq_capacity > 0 {
+        Some(
+            KafkaDeadLetters::open(&queue)
+                .await
+                .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?,
+        )
+    } else {
+        None
+    };
+    Ok((queue, dlq))
+}
+
+/// One broker backend with its dead-letter queue (`None` when `dlq_capacity` is 0).
+async fn open_broker(
+    provider: CompositeProvider,
+    args: &QueueArgs,
+    dlq_capacity: u64,
+) -> Result<(Arc<dyn Queue>, Option<Arc<dyn DeadLetterQueue>>), Failure> {
+    Ok(match provider {
+        CompositeProvider::Nats => {
+            let (queue, dlq) = connect_nats(args, dlq_capacity).await?;
+            (
+                Arc::new(queue),
+                dlq.map(|d| Arc::new(d) as Arc<dyn DeadLetterQueue>),
+            )
+        }
+        CompositeProvider::Kafka => {
+            let (queue, dlq) = connect_kafka(args, dlq_capacity).await?;
+            (
+                Arc::new(queue),
+                dlq.map(|d| Arc::new(d) as Arc<dyn DeadLetterQueue>),
+            )
+        }
+    })
+}
+
+/// The queue and dead-letter queue a role uses, from `QUEUE_TYPE`. With `dlq_capacity` 0
+/// (a publisher only) the DLQ is a placeholder that is never used.
 async fn open_queue(
     args: &QueueArgs,
     dlq_capacity: u64,
 ) -> Result<(Arc<dyn Queue>, Arc<dyn DeadLetterQueue>), Failure> {
+    let unused_dlq = || Arc::new(MemoryDeadLetters::new(0)) as Arc<dyn DeadLetterQueue>;
     match args.queue_type {
         QueueType::Memory => Ok((
             Arc::new(MemoryQueue::new(MemoryQueueConfig {
@@ -306,11 +407,43 @@ async fn open_queue(
             Arc::new(MemoryDeadLetters::new(to_usize(dlq_capacity))),
         )),
         QueueType::Nats => {
-            let (queue, dlq) = connect_nats(args, dlq_capacity.max(1)).await?;
-            let dlq = dlq.ok_or_else(|| Failure::Runtime(anyhow::anyhow!("no DLQ stream")))?;
-            Ok((Arc::new(queue), Arc::new(dlq)))
+            let (queue, dlq) = open_broker(CompositeProvider::Nats, args, dlq_capacity).await?;
+            Ok((queue, dlq.unwrap_or_else(unused_dlq)))
         }
-        other => Err(not_built(other)),
+        QueueType::Kafka => {
+            let (queue, dlq) = open_broker(CompositeProvider::Kafka, args, dlq_capacity).await?;
+            Ok((queue, dlq.unwrap_or_else(unused_dlq)))
+        }
+        QueueType::Composite => {
+            let providers = &args.composite.composite_providers;
+            let mut distinct = providers.clone();
+            distinct.sort();
+            distinct.dedup();
+            if providers.len() < 2 || distinct.len() != providers.len() {
+                return Err(Failure::Config(format!(
+                    "COMPOSITE_PROVIDERS (--composite-providers) needs two different backends, the primary first (e.g. nats,kafka); got {providers:?}"
+                )));
+            }
+            let mut backends = Vec::with_capacity(providers.len());
+            let mut primary_dlq = None;
+            for (index, provider) in providers.iter().enumerate() {
+                // Dead letters live with the primary, which the processors consume.
+                let dlq_here = if index == 0 { dlq_capacity } else { 0 };
+                let (queue, dlq) = open_broker(*provider, args, dlq_here).await?;
+                if index == 0 {
+                    primary_dlq = dlq;
+                }
+                backends.push((format!("{provider:?}").to_lowercase(), queue));
+            }
+            let strategy = match args.composite.composite_strategy {
+                CompositeStrategy::FailFast => Strategy::FailFast,
+                CompositeStrategy::BestEffort => Strategy::BestEffort,
+            };
+            Ok((
+                Arc::new(CompositeQueue::new(backends, strategy)),
+                primary_dlq.unwrap_or_else(unused_dlq),
+            ))
+        }
     }
 }
 

@@ -100,3 +100,47 @@ async fn seed_environment_names_are_honoured() {
     let id = ingest_one(&conveyor, &sample).await;
     conveyor.wait_sink_ids([&id], Duration::from_secs(20)).await;
 }
+
+#[tokio::test]
+async fn bad_kafka_and_composite_settings_exit_64_naming_the_setting() {
+    assert_rejected(
+        Spawn::new("run")
+            .env("QUEUE_TYPE", "kafka")
+            .env("KAFKA_PRODUCER_CONFIG", "linger.ms=5,oops"),
+        "KAFKA_PRODUCER_CONFIG without '='",
+        &["KAFKA_PRODUCER_CONFIG", "oops"],
+    )
+    .await;
+    assert_rejected(
+        Spawn::new("run")
+            .env("QUEUE_TYPE", "kafka")
+            .env("KAFKA_CONSUMER_CONFIG", "no.such.setting=1"),
+        "an unknown librdkafka setting",
+        &["KAFKA_CONSUMER_CONFIG", "no.such.setting"],
+    )
+    .await;
+    assert_rejected(
+        Spawn::new("run")
+            .env("QUEUE_TYPE", "kafka")
+            .env("KAFKA_PARTITION_KEY", "sauce"),
+        "KAFKA_PARTITION_KEY=sauce",
+        &["KAFKA_PARTITION_KEY"],
+    )
+    .await;
+    assert_rejected(
+        Spawn::new("run")
+            .env("QUEUE_TYPE", "composite")
+            .env("COMPOSITE_PROVIDERS", "nats,nats"),
+        "the same backend twice",
+        &["COMPOSITE_PROVIDERS"],
+    )
+    .await;
+    assert_rejected(
+        Spawn::new("run")
+            .env("QUEUE_TYPE", "composite")
+            .env("COMPOSITE_STRATEGY", "yolo"),
+        "COMPOSITE_STRATEGY=yolo",
+        &["COMPOSITE_STRATEGY"],
+    )
+    .await;
+}

@@ -50,6 +50,15 @@ const CONFIG_ENV: &[&str] = &[
     "RUST_LOG",
     "NATS_URL",
     "KAFKA_BROKERS",
+    "KAFKA_TOPIC",
+    "KAFKA_CONSUMER_GROUP",
+    "KAFKA_PARTITIONS",
+    "KAFKA_PARTITION_KEY",
+    "KAFKA_PRODUCER_CONFIG",
+    "KAFKA_CONSUMER_CONFIG",
+    "KAFKA_DLQ_TOPIC",
+    "COMPOSITE_PROVIDERS",
+    "COMPOSITE_STRATEGY",
 ];
 
 /// Output of a process, shared with the task that reads it.

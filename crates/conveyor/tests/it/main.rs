@@ -1,6 +1,7 @@
 //! End-to-end tests of the `conveyor` binary: each test starts its own processes on random
 //! ports with their own temp dirs, and checks what a user sees (docs/INTERFACE.md).
 
+mod delivery;
 mod harness;
 
 mod all_in_one;
@@ -8,6 +9,7 @@ mod backpressure;
 mod bad_input;
 mod config;
 mod dlq;
+mod kafka;
 mod load;
 mod nats;
 mod shutdown;

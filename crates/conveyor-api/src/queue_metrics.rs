@@ -1,0 +1,163 @@
+//! Metric families for what only some queues have: Kafka's partitions and a composite queue's
+//! backends. Rendered from the same [`QueueStats`] snapshot `/stats` reports; a queue without
+//! partitions or backends renders nothing here. Labels are bounded: partition ids of one topic,
+//! backend names from `COMPOSITE_PROVIDERS`.
+
+use std::fmt::Write;
+
+use conveyor_core::stats::{BackendStats, PartitionStats, QueueStats};
+
+/// One metric family over a list of items: name, type, help, and each item's labels and value.
+struct Family<T> {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&T) -> i64,
+}
+
+fn render_families<T>(
+    out: &mut String,
+    families: &[Family<T>],
+    items: &[T],
+    labels: impl Fn(&T) -> String,
+) {
+    for family in families {
+        let Family {
+            name, kind, help, ..
+        } = family;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for item in items {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(item), (family.value)(item));
+        }
+    }
+}
+
+/// Appends the partition and backend families of `stats` (nothing for other queues).
+pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
+    if !stats.partitions.is_empty() {
+        let families: [Family<PartitionStats>; 3] = [
+            Family {
+                name: "conveyor_kafka_consumer_lag",
+                kind: "gauge",
+                help: "Events in the partition the consumer group has not committed yet.",
+                value: |p| p.lag as i64,
+            },
+            Family {
+                name: "conveyor_kafka_partition_in_flight",
+                kind: "gauge",
+                help: "Events of the partition this process holds (delivered, buffered, waiting to retry).",
+                value: |p| p.in_flight as i64,
+            },
+            Family {
+                name: "conveyor_kafka_high_watermark",
+                kind: "gauge",
+                help: "The next offset the broker assigns in the partition.",
+                value: |p| p.high_watermark,
+            },
+        ];
+        render_families(out, &families, &stats.partitions, |p| {
+            format!("partition=\"{}\"", p.partition)
+        });
+    }
+    if !stats.backends.is_empty() {
+        let families: [Family<BackendStats>; 4] = [
+            Family {
+                name: "conveyor_composite_publishes_total",
+                kind: "counter",
+                help: "Events a composite backend confirmed.",
+                value: |b| b.published as i64,
+            },
+            Family {
+                name: "conveyor_composite_failures_total",
+                kind: "counter",
+                help: "Events a composite backend refused or failed to confirm.",
+                value: |b| b.failed as i64,
+            },
+            Family {
+                name: "conveyor_composite_divergence",
+                kind: "gauge",
+                help: "Events the primary holds that this backend lacks (for the primary: the reverse).",
+                value: |b| b.divergence as i64,
+            },
+            Family {
+                name: "conveyor_composite_backend_healthy",
+                kind: "gauge",
+                help: "1 when the composite backend is reachable, else 0.",
+                value: |b| i64::from(b.healthy),
+            },
+        ];
+        render_families(out, &families, &stats.backends, |b| {
+            let role = if b.primary { "primary" } else { "secondary" };
+            format!("backend=\"{}\",role=\"{role}\"", b.name)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conveyor_core::stats::{BackendStats, PartitionStats, QueueStats};
+
+    use super::render_queue_detail;
+
+    #[test]
+    fn kafka_and_composite_families_render_one_sample_per_label() {
+        let stats = QueueStats {
+            partitions: vec![
+                PartitionStats {
+                    partition: 0,
+                    high_watermark: 10,
+                    committed: 7,
+                    lag: 3,
+                    in_flight: 2,
+                },
+                PartitionStats {
+                    partition: 1,
+                    high_watermark: 5,
+                    committed: 5,
+                    lag: 0,
+                    in_flight: 0,
+                },
+            ],
+            backends: vec![
+                BackendStats {
+                    name: "nats".into(),
+                    primary: true,
+                    healthy: true,
+                    published: 9,
+                    failed: 0,
+                    divergence: 0,
+                },
+                BackendStats {
+                    name: "kafka".into(),
+                    primary: false,
+                    healthy: false,
+                    published: 7,
+                    failed: 2,
+                    divergence: 2,
+                },
+            ],
+            ..QueueStats::default()
+        };
+        let mut out = String::new();
+        render_queue_detail(&mut out, &stats);
+        assert!(
+            out.contains("conveyor_kafka_consumer_lag{partition=\"0\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "conveyor_composite_failures_total{backend=\"kafka\",role=\"secondary\"} 2\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "conveyor_composite_backend_healthy{backend=\"kafka\",role=\"secondary\"} 0\n"
+            ),
+            "{out}"
+        );
+        let mut plain = String::new();
+        render_queue_detail(&mut plain, &QueueStats::default());
+        assert!(plain.is_empty(), "other queues render nothing here");
+    }
+}

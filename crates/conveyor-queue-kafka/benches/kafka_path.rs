@@ -1,0 +1,166 @@
+//! The Kafka publish path, conveyor's against a raw rdkafka producer, on one private tansu
+//! broker started by this bench, in the same run (these machines are noisy: only the ratio is
+//! comparable across runs).
+//!
+//! - **raw rdkafka**: a `FutureProducer` with the same settings conveyor uses (idempotent,
+//!   `acks=all`, `linger.ms=1`), up to `WINDOW` delivery reports awaited at once, each record
+//!   carrying the same key, header and encoded bytes conveyor sends.
+//! - **conveyor KafkaQueue**: `Publisher::publish` in batches of `BATCH` from `TASKS` concurrent
+//!   tasks, as ingest calls it for HTTP batches and gRPC streams (encode, dedupe window, lag
+//!   bound, delivery-report wait included).
+//!
+//! Run: `cargo bench -p conveyor-queue-kafka --bench kafka_path` (`EVENTS=N` to change the
+//! count; `BENCH_KAFKA_BROKERS=host:port` to use a running broker instead of starting one).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use conveyor_queue::Publisher;
+use conveyor_queue_kafka::{KafkaConfig, KafkaQueue};
+use conveyor_testkit::KafkaBroker;
+use prost::Message as _;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const WINDOW: usize = 8192;
+const BATCH: usize = 256;
+const TASKS: usize = 16;
+
+fn event(i: usize) -> conveyor_core::Event {
+    let mut event = conveyor_queue::conformance::event(&format!("bench-{i}"));
+    event.payload = bytes::Bytes::from(format!(
+        "{{\"sensor\":\"s-{}\",\"temperature\":23.5,\"seq\":{i}}}",
+        i % 100
+    ));
+    event
+}
+
+fn topic(side: &str, round: usize) -> String {
+    format!("bench-{side}-{round}-{}", std::process::id())
+}
+
+async fn raw_publish(brokers: &str, events: usize, round: usize) -> f64 {
+    // The topic is created by conveyor's own code path, so both sides write to the same shape.
+    let setup = KafkaQueue::connect(KafkaConfig {
+        brokers: brokers.to_owned(),
+        topic: topic("raw", round),
+        ..KafkaConfig::default()
+    })
+    .await
+    .expect("create the raw side's topic");
+    drop(setup);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("queue.buffering.max.messages", (WINDOW * 2).to_string())
+        .create()
+        .expect("producer");
+    let topic = topic("raw", round);
+    let started = Instant::now();
+    let mut window = VecDeque::with_capacity(WINDOW);
+    for i in 0..events {
+        let event = event(i);
+        let payload = conveyor_proto::event_to_wire(event.clone()).encode_to_vec();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "conveyor-encoding",
+            value: Some("proto"),
+        });
+        let record = FutureRecord::to(&topic)
+            .key(event.source.as_bytes())
+            .payload(&payload)
+            .headers(headers);
+        let report = producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        window.push_back(report);
+        if window.len() == WINDOW
+            && let Some(oldest) = window.pop_front()
+        {
+            oldest.await.expect("report").expect("delivered");
+        }
+    }
+    for report in window {
+        report.await.expect("report").expect("delivered");
+    }
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn conveyor_publish(brokers: &str, events: usize, round: usize) -> f64 {
+    let queue = KafkaQueue::connect(KafkaConfig {
+        brokers: brokers.to_owned(),
+        topic: topic("conveyor", round),
+        capacity: (events * 2) as u64,
+        max_in_flight_publishes: WINDOW,
+        ..KafkaConfig::default()
+    })
+    .await
+    .expect("connect");
+    let queue = Arc::new(queue);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let queue = Arc::clone(&queue);
+            let next = Arc::clone(&next);
+            tokio::spawn(async move {
+                loop {
+                    let from = next.fetch_add(BATCH, Ordering::Relaxed);
+                    if from >= events {
+                        break;
+                    }
+                    let batch: Vec<_> = (from..(from + BATCH).min(events)).map(event).collect();
+                    for result in queue.publish(batch).await {
+                        result.expect("conveyor publish");
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let events: usize = std::env::var("EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let shared = std::env::var("BENCH_KAFKA_BROKERS").ok();
+    let own = shared.is_none().then(KafkaBroker::start);
+    let brokers = shared
+        .clone()
+        .or_else(|| own.as_ref().map(KafkaBroker::bootstrap))
+        .expect("a broker");
+    let mut best = (0f64, 0f64);
+    // Two rounds, alternating, on topics of their own; keep the best of each side.
+    for round in 1..=2 {
+        let raw = runtime.block_on(raw_publish(&brokers, events, round));
+        let ours = runtime.block_on(conveyor_publish(&brokers, events, round));
+        println!("round {round}: raw {raw:>10.0} ev/s   conveyor {ours:>10.0} ev/s");
+        best = (best.0.max(raw), best.1.max(ours));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!();
+    println!(
+        "| path (Kafka protocol on tansu, in-memory storage, {events} events) | events/s | vs raw |"
+    );
+    println!("|---|---:|---:|");
+    println!(
+        "| raw rdkafka FutureProducer, idempotent acks=all ({WINDOW} in flight) | {:.0} | 100% |",
+        best.0
+    );
+    println!(
+        "| conveyor KafkaQueue::publish ({TASKS} tasks x batches of {BATCH}) | {:.0} | {:.0}% |",
+        best.1,
+        100.0 * best.1 / best.0
+    );
+}

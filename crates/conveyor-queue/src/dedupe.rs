@@ -1,0 +1,87 @@
+//! The publish-side dedupe window: "was this event's dedupe key published recently?", for
+//! backends whose broker cannot answer it (memory, Kafka).
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+
+use conveyor_core::Event;
+
+/// Remembers the last `limit` dedupe keys as 128-bit fingerprints: no allocation per key, and
+/// a false "duplicate" (two different keys with one fingerprint inside the window) has odds
+/// around 2^-100 per publish.
+pub struct DedupeWindow {
+    seen: HashSet<u128, BuildHasherDefault<FingerprintHasher>>,
+    order: VecDeque<u128>,
+    limit: usize,
+    /// Two independently keyed hashers: together, one 128-bit fingerprint.
+    hashers: (RandomState, RandomState),
+}
+
+impl DedupeWindow {
+    pub fn new(limit: usize) -> Self {
+        DedupeWindow {
+            seen: HashSet::with_capacity_and_hasher(limit.min(1 << 20), Default::default()),
+            order: VecDeque::with_capacity(limit.min(1 << 20)),
+            limit,
+            hashers: (RandomState::new(), RandomState::new()),
+        }
+    }
+
+    fn fingerprint(&self, event: &Event) -> u128 {
+        let hash = |state: &RandomState| {
+            let mut hasher = state.build_hasher();
+            event.hash_dedupe_key(&mut hasher);
+            hasher.finish()
+        };
+        (u128::from(hash(&self.hashers.0)) << 64) | u128::from(hash(&self.hashers.1))
+    }
+
+    /// Records the event's dedupe key; false if it was already inside the window.
+    pub fn insert(&mut self, event: &Event) -> bool {
+        if self.limit == 0 {
+            return true;
+        }
+        let key = self.fingerprint(event);
+        if !self.seen.insert(key) {
+            return false;
+        }
+        if self.order.len() == self.limit
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        self.order.push_back(key);
+        true
+    }
+
+    /// Takes the event's key out again: its publish failed, so a retry must not be called a
+    /// duplicate. (Its slot in the eviction order stays; at worst the window is a little
+    /// shorter for a while.)
+    pub fn forget(&mut self, event: &Event) {
+        if self.limit > 0 {
+            let key = self.fingerprint(event);
+            self.seen.remove(&key);
+        }
+    }
+}
+
+/// Fingerprints are already uniformly distributed (keyed SipHash output): hashing them again
+/// for the set would only cost time, so the set uses their low 64 bits as they are.
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
+    }
+}
