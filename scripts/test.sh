@@ -24,6 +24,16 @@ if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
 fi
 echo "nats-server: $( (command -v nats-server || echo /usr/sbin/nats-server) )"
 
+# observability test dependencies
+# promtool (Debian package `prometheus`) checks live /metrics output, the scrape configs and
+# the alert rules (crates/conveyor/tests/it/observability.rs).
+if ! command -v promtool >/dev/null; then
+  echo "promtool not found; installing the Debian package prometheus"
+  apt_install --no-install-recommends prometheus
+fi
+echo "promtool: $(command -v promtool)"
+# end of observability test dependencies
+
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 

@@ -10,5 +10,6 @@ mod config;
 mod dlq;
 mod load;
 mod nats;
+mod observability;
 mod shutdown;
 mod split;
