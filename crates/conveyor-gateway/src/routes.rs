@@ -53,6 +53,7 @@ pub fn router(gateway: Gateway) -> Router {
             "/api/v1/ingest/batch",
         ))
         .merge(api)
+        .merge(crate::dashboard::routes(gateway.clone()))
         .merge(grpc);
     let scrape = gateway.clone();
     let intake = Arc::clone(&gateway.intake);
