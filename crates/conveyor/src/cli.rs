@@ -28,6 +28,28 @@ pub enum Command {
     Processor(ProcessorArgs),
     /// Sends events to a conveyor and measures latency and accepted/processed events per second.
     Load(conveyor_load::LoadArgs),
+    /// Shows the system's status as the gateway sees it (GET /api/v1/status) as a table.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The gateway (or `conveyor run`) to ask.
+    #[arg(
+        long,
+        env = "CONVEYOR_GATEWAY_URL",
+        value_name = "CONVEYOR_GATEWAY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub gateway_url: String,
+
+    /// Print the gateway's JSON answer as it is instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Give up after this many seconds.
+    #[arg(long, env = "CONVEYOR_STATUS_TIMEOUT_SECS", default_value_t = 10)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 mod cli;
 mod roles;
 mod shutdown;
+mod status;
 
 use std::process::ExitCode;
 

@@ -52,6 +52,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         Command::Gateway(args) => gateway(args).await,
         Command::Ingest(args) => ingest(args).await,
         Command::Processor(args) => processor(args).await,
+        Command::Status(args) => crate::status::run(args).await,
         Command::Load(args) => conveyor_load::run(args)
             .await
             .map(drop)
