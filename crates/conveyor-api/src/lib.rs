@@ -11,6 +11,7 @@ pub mod body;
 pub mod histogram;
 pub mod metrics;
 pub mod process;
+pub mod profiling;
 pub mod recorded;
 
 use std::net::SocketAddr;
@@ -194,6 +195,7 @@ where
     });
     routes
         .merge(health_routes(readiness, probe))
+        .merge(profiling::routes())
         .route("/metrics", metrics_route)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

@@ -14,6 +14,36 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// Log format on stderr: text or json (CONVEYOR_LOG_FORMAT is read too). Level: RUST_LOG
+    /// or CONVEYOR_LOG.
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        value_enum
+    )]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Command {
+    /// Whether `--profiling` was given to a serving role.
+    pub fn profiling(&self) -> bool {
+        match self {
+            Command::Run(args) => args.serve.profiling,
+            Command::Gateway(args) => args.serve.profiling,
+            Command::Ingest(args) => args.serve.profiling,
+            Command::Processor(args) => args.serve.profiling,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +101,11 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub drain_timeout_secs: u64,
+
+    /// Serve GET /debug/pprof/profile?seconds=N, a CPU flamegraph (SVG) of this process. Off
+    /// by default: a profile costs CPU while it runs and shows the code's inner workings.
+    #[arg(long, env = "CONVEYOR_PROFILING", value_name = "CONVEYOR_PROFILING")]
+    pub profiling: bool,
 }
 
 impl ServeArgs {

@@ -47,6 +47,10 @@ impl From<std::io::Error> for Failure {
 }
 
 pub async fn run(command: Command) -> Result<(), Failure> {
+    if command.profiling() {
+        conveyor_api::profiling::enable();
+        tracing::warn!("CPU profiling is on: GET /debug/pprof/profile?seconds=N");
+    }
     match command {
         Command::Run(args) => all_in_one(args).await,
         Command::Gateway(args) => gateway(args).await,
