@@ -33,6 +33,29 @@ if [ ! -x "$tansu_bin" ]; then
 fi
 echo "tansu: $tansu_bin"
 
+# observability test dependencies
+# promtool (Debian package `prometheus`) checks live /metrics output, the scrape configs and
+# the alert rules (crates/conveyor/tests/it/observability.rs).
+if ! command -v promtool >/dev/null; then
+  echo "promtool not found; installing the Debian package prometheus"
+  apt_install --no-install-recommends prometheus
+fi
+echo "promtool: $(command -v promtool)"
+# The live dashboard test drives the system's Chromium with playwright-core (npm).
+if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
+  echo "chromium not found; installing the Debian package"
+  apt_install chromium
+fi
+if ! command -v npm >/dev/null; then
+  echo "node/npm not found; installing the Debian packages"
+  apt_install nodejs npm
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  echo "installing the browser test's npm dependencies (tests/browser)"
+  (cd tests/browser && npm ci --no-audit --no-fund)
+fi
+# end of observability test dependencies
+
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 

@@ -8,8 +8,12 @@
 //! - [`body`]: request bodies read with a size limit and checked content type.
 
 pub mod body;
+pub mod histogram;
 pub mod metrics;
+pub mod process;
+pub mod profiling;
 pub mod queue_metrics;
+pub mod recorded;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +41,7 @@ impl From<ApiError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        recorded::error_answer(self.0.code);
         let status = http_status(self.0.code);
         let body = serde_json::json!({ "error": self.0 });
         let mut response = (status, axum::Json(body)).into_response();
@@ -55,6 +60,7 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
 
 /// An [`ApiError`] as a gRPC status; the conveyor code travels in the message prefix.
 pub fn grpc_status(error: &ApiError) -> tonic::Status {
+    recorded::error_answer(error.code);
     let code = match error.code {
         ErrorCode::InvalidJson | ErrorCode::InvalidField | ErrorCode::UnsupportedMediaType => {
             tonic::Code::InvalidArgument
@@ -175,18 +181,22 @@ where
     Fut: std::future::Future<Output = String> + Send + 'static,
 {
     let scrape_metrics = http_metrics.clone();
+    let scrape_readiness = readiness.clone();
     let metrics_route = get(move || {
         let render = render.clone();
         let scrape_metrics = scrape_metrics.clone();
+        let ready = scrape_readiness.is_ready();
         async move {
-            let mut out = String::with_capacity(8192);
+            let mut out = String::with_capacity(16384);
             scrape_metrics.render(&mut out);
+            metrics::render_common(&mut out, ready);
             out.push_str(&render().await);
             ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], out)
         }
     });
     routes
         .merge(health_routes(readiness, probe))
+        .merge(profiling::routes())
         .route("/metrics", metrics_route)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

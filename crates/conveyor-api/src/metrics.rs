@@ -6,41 +6,57 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 
-/// Upper bounds of the request-duration histogram buckets, in seconds.
-const DURATION_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+use conveyor_core::stats::{PoolStats, QueueStats};
+
+use crate::histogram::Histogram;
+
+/// Request durations, in microseconds: 100 µs to 30 s (see [`crate::histogram`]).
+const REQUEST_MICROS: &[u64] = crate::histogram::DURATION_MICROS;
+
+/// HTTP methods with their own slot; anything else counts as `other`.
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other",
 ];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; DURATION_BUCKETS.len()],
-    count: AtomicU64,
-    /// Sum in microseconds (atomics hold integers).
-    sum_micros: AtomicU64,
-}
+/// Status codes 100..=599 have a counter each.
+const STATUSES: usize = 500;
 
-#[derive(Default)]
-struct RouteMetrics {
-    /// Requests by status code.
-    by_status: Mutex<HashMap<u16, u64>>,
+struct MethodMetrics {
+    by_status: [AtomicU64; STATUSES],
     duration: Histogram,
 }
 
-/// (route pattern, method)
-type RouteKey = (String, String);
+/// One route pattern; a method's counters are made the first time it is seen.
+#[derive(Default)]
+struct RouteMetrics {
+    methods: [OnceLock<Box<MethodMetrics>>; METHODS.len()],
+}
 
-/// Per-route request counts and durations.
+/// Per-route request counts and durations, and the requests in progress.
+///
+/// Recording is lock-free once a route has been seen: a read lock on the route table (shared by
+/// every request, never held across an await), then relaxed atomic adds.
 #[derive(Clone, Default)]
 pub struct HttpMetrics {
-    routes: Arc<Mutex<HashMap<RouteKey, Arc<RouteMetrics>>>>,
+    routes: Arc<RwLock<HashMap<String, Arc<RouteMetrics>>>>,
+    in_flight: Arc<AtomicI64>,
+}
+
+/// Decrements the in-flight gauge when the request finishes or is dropped.
+struct InFlight(Arc<AtomicI64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl HttpMetrics {
@@ -50,44 +66,64 @@ impl HttpMetrics {
         request: Request,
         next: Next,
     ) -> Response {
-        let route = request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or("unmatched", |p| p.as_str())
-            .to_owned();
-        let method = request.method().as_str().to_owned();
+        let route = metrics.route(
+            request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", |p| p.as_str()),
+        );
+        let method = METHODS
+            .iter()
+            .position(|m| *m == request.method().as_str())
+            .unwrap_or(METHODS.len() - 1);
+        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(Arc::clone(&metrics.in_flight));
         let started = Instant::now();
         let response = next.run(request).await;
-        metrics.record(route, method, response.status().as_u16(), started);
+        let entry = route.methods[method].get_or_init(|| {
+            Box::new(MethodMetrics {
+                by_status: [const { AtomicU64::new(0) }; STATUSES],
+                duration: Histogram::new(REQUEST_MICROS, 1e6),
+            })
+        });
+        let status = usize::from(response.status().as_u16()).clamp(100, 599) - 100;
+        entry.by_status[status].fetch_add(1, Ordering::Relaxed);
+        entry.duration.record_duration(started.elapsed());
         response
     }
 
-    fn record(&self, route: String, method: String, status: u16, started: Instant) {
-        let elapsed = started.elapsed();
-        let entry = {
-            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(routes.entry((route, method)).or_default())
-        };
-        *entry
-            .by_status
-            .lock()
+    fn route(&self, pattern: &str) -> Arc<RouteMetrics> {
+        if let Some(route) = self
+            .routes
+            .read()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(status)
-            .or_default() += 1;
-        let seconds = elapsed.as_secs_f64();
-        let h = &entry.duration;
-        if let Some(i) = DURATION_BUCKETS.iter().position(|&le| seconds <= le) {
-            h.buckets[i].fetch_add(1, Ordering::Relaxed);
+            .get(pattern)
+        {
+            return Arc::clone(route);
         }
-        h.count.fetch_add(1, Ordering::Relaxed);
-        h.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(routes.entry(pattern.to_owned()).or_default())
     }
 
-    /// Appends `http_requests_total` and `http_request_duration_seconds`.
+    /// The request durations of the routes in `patterns`, every method, merged.
+    pub fn durations(&self, patterns: &[&str]) -> crate::histogram::Snapshot {
+        let mut merged = Histogram::new(REQUEST_MICROS, 1e6).snapshot();
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        for pattern in patterns {
+            if let Some(route) = routes.get(*pattern) {
+                for method in route.methods.iter().filter_map(OnceLock::get) {
+                    method.duration.add_to(&mut merged);
+                }
+            }
+        }
+        merged
+    }
+
+    /// Appends `http_requests_total`, `http_request_duration_seconds` and
+    /// `http_requests_in_flight`.
     pub fn render(&self, out: &mut String) {
-        let routes: Vec<(RouteKey, Arc<RouteMetrics>)> = {
-            let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let routes: Vec<(String, Arc<RouteMetrics>)> = {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
             let mut list: Vec<_> = routes
                 .iter()
                 .map(|(k, v)| (k.clone(), Arc::clone(v)))
@@ -95,47 +131,44 @@ impl HttpMetrics {
             list.sort_by(|a, b| a.0.cmp(&b.0));
             list
         };
+        let seen = || {
+            routes.iter().flat_map(|(route, metrics)| {
+                METHODS
+                    .iter()
+                    .zip(&metrics.methods)
+                    .filter_map(move |(method, m)| Some((route, *method, m.get()?)))
+            })
+        };
         out.push_str(
             "# HELP http_requests_total HTTP requests answered, by route, method and status.\n",
         );
         out.push_str("# TYPE http_requests_total counter\n");
-        for ((route, method), metrics) in &routes {
-            let by_status = metrics.by_status.lock().unwrap_or_else(|p| p.into_inner());
-            let mut statuses: Vec<_> = by_status.iter().collect();
-            statuses.sort();
-            for (status, count) in statuses {
-                let _ = writeln!(
-                    out,
-                    "http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {count}",
-                    escape(route)
-                );
+        for (route, method, metrics) in seen() {
+            for (status, count) in metrics.by_status.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let _ = writeln!(
+                        out,
+                        "http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{}\"}} {count}",
+                        escape(route),
+                        status + 100
+                    );
+                }
             }
         }
         out.push_str("# HELP http_request_duration_seconds Time to answer an HTTP request.\n");
         out.push_str("# TYPE http_request_duration_seconds histogram\n");
-        for ((route, method), metrics) in &routes {
+        for (route, method, metrics) in seen() {
             let labels = format!("route=\"{}\",method=\"{method}\"", escape(route));
-            let h = &metrics.duration;
-            let mut cumulative = 0;
-            for (i, le) in DURATION_BUCKETS.iter().enumerate() {
-                cumulative += h.buckets[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}"
-            );
-            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "http_request_duration_seconds_sum{{{labels}}} {sum}");
-            let _ = writeln!(
-                out,
-                "http_request_duration_seconds_count{{{labels}}} {count}"
-            );
+            metrics
+                .duration
+                .render_samples(out, "http_request_duration_seconds", &labels);
         }
+        let _ = writeln!(
+            out,
+            "# HELP http_requests_in_flight HTTP requests being answered now.\n# TYPE http_requests_in_flight gauge\nhttp_requests_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed).max(0)
+        );
     }
 }
 
@@ -157,7 +190,8 @@ fn escape(value: &str) -> String {
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Appends the ingest metrics from an [`IngestStats`](conveyor_core::stats::IngestStats).
+/// Appends the ingest metrics from an [`IngestStats`](conveyor_core::stats::IngestStats), and
+/// the ingest histograms when this process runs an ingest.
 pub fn render_ingest(out: &mut String, stats: &conveyor_core::stats::IngestStats) {
     render_value(
         out,
@@ -174,98 +208,154 @@ pub fn render_ingest(out: &mut String, stats: &conveyor_core::stats::IngestStats
          conveyor_events_rejected_total{{reason=\"unavailable\"}} {}",
         stats.rejected_invalid, stats.rejected_full, stats.rejected_unavailable
     );
+    crate::recorded::render_ingest(out);
+}
+
+/// One unlabelled family read off a stats snapshot.
+struct Family<T> {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&T) -> u64,
+}
+
+/// The queue's figures, one row per [`QueueStats`] field: a field added there is one row here.
+const QUEUE_FAMILIES: &[Family<QueueStats>] = &[
+    Family {
+        name: "queue_size",
+        kind: "gauge",
+        help: "Events waiting in the queue (ready or waiting out a retry delay).",
+        value: |q| q.size,
+    },
+    Family {
+        name: "conveyor_queue_capacity",
+        kind: "gauge",
+        help: "Most events the queue holds at once (0: set by the broker).",
+        value: |q| q.capacity,
+    },
+    Family {
+        name: "conveyor_queue_in_flight",
+        kind: "gauge",
+        help: "Events delivered to a worker and not yet settled.",
+        value: |q| q.in_flight,
+    },
+    Family {
+        name: "conveyor_queue_consumer_lag",
+        kind: "gauge",
+        help: "Events published and not yet settled by a consumer: waiting plus in flight.",
+        value: |q| q.size + q.in_flight,
+    },
+    Family {
+        name: "conveyor_queue_published_total",
+        kind: "counter",
+        help: "Events the queue stored (for a broker: the stream's last sequence).",
+        value: |q| q.published,
+    },
+    Family {
+        name: "conveyor_queue_acked_total",
+        kind: "counter",
+        help: "Deliveries acked (processed).",
+        value: |q| q.acked,
+    },
+    Family {
+        name: "conveyor_queue_nacked_total",
+        kind: "counter",
+        help: "Deliveries handed back for a later retry.",
+        value: |q| q.nacked,
+    },
+    Family {
+        name: "conveyor_queue_terminated_total",
+        kind: "counter",
+        help: "Deliveries terminated (moved to the dead-letter queue).",
+        value: |q| q.terminated,
+    },
+    Family {
+        name: "conveyor_queue_redelivered_total",
+        kind: "counter",
+        help: "Deliveries beyond the first.",
+        value: |q| q.redelivered,
+    },
+    Family {
+        name: "conveyor_queue_duplicates_total",
+        kind: "counter",
+        help: "Publishes discarded as duplicates by the queue's dedupe window.",
+        value: |q| q.duplicates,
+    },
+];
+
+/// The worker pool's figures.
+const POOL_FAMILIES: &[Family<PoolStats>] = &[
+    Family {
+        name: "worker_pool_active",
+        kind: "gauge",
+        help: "Workers busy with a batch.",
+        value: |p| p.active,
+    },
+    Family {
+        name: "conveyor_worker_pool_size",
+        kind: "gauge",
+        help: "Workers in the pool.",
+        value: |p| p.workers,
+    },
+    Family {
+        name: "messages_processed_total",
+        kind: "counter",
+        help: "Events written to the sink and acked.",
+        value: |p| p.processed,
+    },
+    Family {
+        name: "conveyor_processing_errors_total",
+        kind: "counter",
+        help: "Attempts that failed in a stage or the sink.",
+        value: |p| p.errors,
+    },
+    Family {
+        name: "conveyor_retries_total",
+        kind: "counter",
+        help: "Failed attempts sent back to the queue for a retry.",
+        value: |p| p.retried,
+    },
+    Family {
+        name: "conveyor_dead_lettered_total",
+        kind: "counter",
+        help: "Events moved to the dead-letter queue.",
+        value: |p| p.dead_lettered,
+    },
+    Family {
+        name: "conveyor_duplicates_skipped_total",
+        kind: "counter",
+        help: "Deliveries skipped because the id was already processed.",
+        value: |p| p.duplicates,
+    },
+];
+
+fn render_families<T>(out: &mut String, families: &[Family<T>], stats: &T) {
+    for f in families {
+        render_value(out, f.name, f.kind, f.help, (f.value)(stats));
+    }
 }
 
 /// Appends the processor and queue metrics from a
 /// [`ProcessorStats`](conveyor_core::stats::ProcessorStats), including the seed's
-/// `queue_size`, `worker_pool_active` and `messages_processed_total`.
+/// `queue_size`, `worker_pool_active` and `messages_processed_total`, and the processor
+/// histograms when this process runs a worker pool.
 pub fn render_processor(out: &mut String, stats: &conveyor_core::stats::ProcessorStats) {
     let q = &stats.queue;
-    let p = &stats.pool;
-    render_value(
+    let backend = if q.backend.is_empty() {
+        "none"
+    } else {
+        &q.backend
+    };
+    let _ = writeln!(
         out,
-        "queue_size",
-        "gauge",
-        "Events waiting in the queue (ready or waiting out a retry delay).",
-        q.size,
+        "# HELP conveyor_queue_info The queue backend in use (value 1).\n# TYPE conveyor_queue_info gauge\n\
+         conveyor_queue_info{{backend=\"{}\",durable=\"{}\"}} 1",
+        escape(backend),
+        q.durable
     );
-    render_value(
-        out,
-        "conveyor_queue_capacity",
-        "gauge",
-        "Most events the queue holds at once (0: set by the broker).",
-        q.capacity,
-    );
-    render_value(
-        out,
-        "conveyor_queue_in_flight",
-        "gauge",
-        "Events delivered to a worker and not yet settled.",
-        q.in_flight,
-    );
-    render_value(
-        out,
-        "conveyor_queue_redelivered_total",
-        "counter",
-        "Deliveries beyond the first.",
-        q.redelivered,
-    );
-    render_value(
-        out,
-        "conveyor_queue_duplicates_total",
-        "counter",
-        "Publishes discarded as duplicates by the queue's dedupe window.",
-        q.duplicates,
-    );
-    render_value(
-        out,
-        "worker_pool_active",
-        "gauge",
-        "Workers busy with a batch.",
-        p.active,
-    );
-    render_value(
-        out,
-        "conveyor_worker_pool_size",
-        "gauge",
-        "Workers in the pool.",
-        p.workers,
-    );
-    render_value(
-        out,
-        "messages_processed_total",
-        "counter",
-        "Events written to the sink and acked.",
-        p.processed,
-    );
-    render_value(
-        out,
-        "conveyor_processing_errors_total",
-        "counter",
-        "Attempts that failed in a stage or the sink.",
-        p.errors,
-    );
-    render_value(
-        out,
-        "conveyor_retries_total",
-        "counter",
-        "Failed attempts sent back to the queue for a retry.",
-        p.retried,
-    );
-    render_value(
-        out,
-        "conveyor_dead_lettered_total",
-        "counter",
-        "Events moved to the dead-letter queue.",
-        p.dead_lettered,
-    );
-    render_value(
-        out,
-        "conveyor_duplicates_skipped_total",
-        "counter",
-        "Deliveries skipped because the id was already processed.",
-        p.duplicates,
-    );
+    render_families(out, QUEUE_FAMILIES, q);
+    crate::queue_metrics::render_queue_detail(out, q);
+    render_families(out, POOL_FAMILIES, &stats.pool);
     render_value(
         out,
         "conveyor_dlq_size",
@@ -273,6 +363,7 @@ pub fn render_processor(out: &mut String, stats: &conveyor_core::stats::Processo
         "Events in the dead-letter queue.",
         stats.dlq_size,
     );
+    crate::recorded::render_processor(out);
 }
 
 /// Appends the seed's `system_health_status` (1 healthy, 0 not).
@@ -284,4 +375,44 @@ pub fn render_health(out: &mut String, healthy: bool) {
         "1 when this service and what it depends on are healthy, else 0.",
         u64::from(healthy),
     );
+}
+
+/// Appends `conveyor_instance_healthy{role,instance}`: the gateway's view of each instance it
+/// reports on (`instance` is the configured URL, so the label set is bounded by configuration).
+pub fn render_instances<'a>(
+    out: &mut String,
+    instances: impl IntoIterator<Item = (&'a str, &'a str, bool)>,
+) {
+    out.push_str(
+        "# HELP conveyor_instance_healthy 1 when the instance answered its stats and reported healthy, else 0.\n\
+         # TYPE conveyor_instance_healthy gauge\n",
+    );
+    for (role, url, healthy) in instances {
+        let _ = writeln!(
+            out,
+            "conveyor_instance_healthy{{role=\"{}\",instance=\"{}\"}} {}",
+            escape(role),
+            escape(url),
+            u64::from(healthy)
+        );
+    }
+}
+
+/// Families every service has: build info, readiness, events by door, error answers, process.
+pub fn render_common(out: &mut String, ready: bool) {
+    let _ = writeln!(
+        out,
+        "# HELP conveyor_build_info The conveyor version (value 1).\n# TYPE conveyor_build_info gauge\n\
+         conveyor_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    render_value(
+        out,
+        "conveyor_ready",
+        "gauge",
+        "1 while the service takes new work (0 once shutdown began).",
+        u64::from(ready),
+    );
+    crate::recorded::render_edges(out);
+    crate::process::render(out);
 }

@@ -1,14 +1,16 @@
-//! Metric families for what only some queues have: Kafka's partitions and a composite queue's
-//! backends. Rendered from the same [`QueueStats`] snapshot `/stats` reports; a queue without
-//! partitions or backends renders nothing here. Labels are bounded: partition ids of one topic,
+//! Labelled metric families for what only some queues have: Kafka's partitions and a composite
+//! queue's backends (the unlabelled queue families are `QUEUE_FAMILIES` in [`crate::metrics`]).
+//! Rendered from the same [`QueueStats`] snapshot `/stats` reports; a queue without partitions
+//! or backends renders nothing here. Labels are bounded: partition ids of one topic,
 //! backend names from `COMPOSITE_PROVIDERS`.
 
 use std::fmt::Write;
 
 use conveyor_core::stats::{BackendStats, PartitionStats, QueueStats};
 
-/// One metric family over a list of items: name, type, help, and each item's labels and value.
-struct Family<T> {
+/// One metric family with a sample per item (a partition, a backend): name, type, help, and
+/// each item's value; the labels come from the caller.
+struct LabelledFamily<T> {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
@@ -17,12 +19,12 @@ struct Family<T> {
 
 fn render_families<T>(
     out: &mut String,
-    families: &[Family<T>],
+    families: &[LabelledFamily<T>],
     items: &[T],
     labels: impl Fn(&T) -> String,
 ) {
     for family in families {
-        let Family {
+        let LabelledFamily {
             name, kind, help, ..
         } = family;
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -35,20 +37,20 @@ fn render_families<T>(
 /// Appends the partition and backend families of `stats` (nothing for other queues).
 pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
     if !stats.partitions.is_empty() {
-        let families: [Family<PartitionStats>; 3] = [
-            Family {
+        let families: [LabelledFamily<PartitionStats>; 3] = [
+            LabelledFamily {
                 name: "conveyor_kafka_consumer_lag",
                 kind: "gauge",
                 help: "Events in the partition the consumer group has not committed yet.",
                 value: |p| p.lag as i64,
             },
-            Family {
+            LabelledFamily {
                 name: "conveyor_kafka_partition_in_flight",
                 kind: "gauge",
                 help: "Events of the partition this process holds (delivered, buffered, waiting to retry).",
                 value: |p| p.in_flight as i64,
             },
-            Family {
+            LabelledFamily {
                 name: "conveyor_kafka_high_watermark",
                 kind: "gauge",
                 help: "The next offset the broker assigns in the partition.",
@@ -60,26 +62,26 @@ pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
         });
     }
     if !stats.backends.is_empty() {
-        let families: [Family<BackendStats>; 4] = [
-            Family {
+        let families: [LabelledFamily<BackendStats>; 4] = [
+            LabelledFamily {
                 name: "conveyor_composite_publishes_total",
                 kind: "counter",
                 help: "Events a composite backend confirmed.",
                 value: |b| b.published as i64,
             },
-            Family {
+            LabelledFamily {
                 name: "conveyor_composite_failures_total",
                 kind: "counter",
                 help: "Events a composite backend refused or failed to confirm.",
                 value: |b| b.failed as i64,
             },
-            Family {
+            LabelledFamily {
                 name: "conveyor_composite_divergence",
                 kind: "gauge",
                 help: "Events the primary holds that this backend lacks (for the primary: the reverse).",
                 value: |b| b.divergence as i64,
             },
-            Family {
+            LabelledFamily {
                 name: "conveyor_composite_backend_healthy",
                 kind: "gauge",
                 help: "1 when the composite backend is reachable, else 0.",

@@ -6,6 +6,7 @@
 //! [`peers`]: in-process ones for `conveyor run`, HTTP ones in split mode, behind one trait each
 //! so the handlers do not care which.
 
+pub mod dashboard;
 pub mod peers;
 mod routes;
 pub mod status;

@@ -53,6 +53,7 @@ pub fn router(gateway: Gateway) -> Router {
             "/api/v1/ingest/batch",
         ))
         .merge(api)
+        .merge(crate::dashboard::routes(gateway.clone()))
         .merge(grpc);
     let scrape = gateway.clone();
     let intake = Arc::clone(&gateway.intake);
@@ -92,6 +93,13 @@ async fn render_metrics(gateway: Gateway) -> String {
     metrics::render_ingest(&mut out, &status.ingest.stats);
     metrics::render_processor(&mut out, &status.processor.stats);
     metrics::render_health(&mut out, status.status == "ok");
+    metrics::render_instances(
+        &mut out,
+        status
+            .instances
+            .iter()
+            .map(|i| (i.role, i.url.as_str(), i.healthy)),
+    );
     out
 }
 

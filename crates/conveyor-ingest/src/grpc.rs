@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use conveyor_api::recorded::{self, Door};
 use conveyor_api::{Readiness, grpc_status};
 use conveyor_core::{ApiError, ErrorCode};
 use conveyor_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
@@ -48,7 +49,12 @@ impl IngestGrpc {
         tonic::service::Routes::new(self.into_server(max_message_bytes)).into_axum_router()
     }
 
-    async fn submit(&self, requests: Vec<IngestRequest>) -> Vec<Result<String, ApiError>> {
+    async fn submit(
+        &self,
+        door: Door,
+        requests: Vec<IngestRequest>,
+    ) -> Vec<Result<String, ApiError>> {
+        recorded::received(door, requests.len());
         if let Err(error) = self.readiness.check() {
             return vec![Err(error); requests.len()];
         }
@@ -81,7 +87,7 @@ impl IngestService for IngestGrpc {
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
         let result = self
-            .submit(vec![request.into_inner()])
+            .submit(Door::GrpcUnary, vec![request.into_inner()])
             .await
             .pop()
             .unwrap_or_else(|| Err(ApiError::internal("intake returned no result")));
@@ -113,7 +119,7 @@ impl IngestService for IngestGrpc {
                     }
                 }
             }
-            for result in self.submit(requests).await {
+            for result in self.submit(Door::GrpcStream, requests).await {
                 match result {
                     Ok(_) => summary.accepted += 1,
                     Err(error) => {
@@ -150,7 +156,7 @@ impl IngestService for IngestGrpc {
             )));
         }
         let results = self
-            .submit(events)
+            .submit(Door::GrpcBatch, events)
             .await
             .into_iter()
             .enumerate()
@@ -207,7 +213,9 @@ impl IngestService for IngestGrpc {
                         }
                     }
                 }
-                for (sequence, result) in sequences.into_iter().zip(service.submit(requests).await)
+                for (sequence, result) in sequences
+                    .into_iter()
+                    .zip(service.submit(Door::GrpcPublish, requests).await)
                 {
                     let ack = match result {
                         Ok(message_id) => PublishAck {

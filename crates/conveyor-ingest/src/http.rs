@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use conveyor_api::body::{BodyFormat, content_format, read_limited};
+use conveyor_api::recorded::{self, Door};
 use conveyor_api::{HttpError, Readiness, http_status};
 use conveyor_core::{ApiError, EventDraft, body};
 use serde::Serialize;
@@ -80,6 +81,7 @@ async fn ingest_one_inner(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<String, ApiError> {
+    recorded::received(Door::HttpSingle, 1);
     state.readiness.check()?;
     content_format(headers, &[BodyFormat::Json])?;
     let idempotency_key = match headers.get("idempotency-key") {
@@ -143,6 +145,7 @@ async fn ingest_batch_inner(
         format == BodyFormat::Ndjson,
         state.limits.max_batch_events,
     )?;
+    recorded::received(Door::HttpBatch, parsed.len());
     Ok(submit_parsed(state.intake.as_ref(), parsed).await)
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use conveyor_api::recorded;
 use conveyor_core::stats::IngestStats;
 use conveyor_core::{ApiError, ErrorCode, EventDraft, Limits, validate};
 use conveyor_queue::{Health, PublishError, Publisher};
@@ -54,6 +55,7 @@ struct IngestCounters {
 
 impl Ingest {
     pub fn new(publisher: Arc<dyn Publisher>, limits: Limits) -> Self {
+        conveyor_api::recorded::mark_ingest();
         Ingest {
             publisher,
             limits,
@@ -92,9 +94,11 @@ impl Intake for Ingest {
         let mut valid = Vec::with_capacity(drafts.len());
         // Positions in `results` that wait for the queue's answer, in publish order.
         let mut pending = Vec::with_capacity(drafts.len());
+        let mut payload_sizes = recorded::PAYLOAD_SIZE.local();
         for draft in drafts {
             match validate(draft, &self.limits) {
                 Ok(event) => {
+                    payload_sizes.record(event.payload.len() as u64);
                     pending.push(results.len());
                     results.push(Ok(event.id.to_string()));
                     valid.push(event);
@@ -102,8 +106,12 @@ impl Intake for Ingest {
                 Err(error) => results.push(Err(error)),
             }
         }
+        drop(payload_sizes);
         if !valid.is_empty() {
+            recorded::PUBLISH_BATCH_EVENTS.record(valid.len() as u64);
+            let started = std::time::Instant::now();
             let confirms = self.publisher.publish(valid).await;
+            recorded::PUBLISH_DURATION.record_duration(started.elapsed());
             for (slot, confirm) in pending.into_iter().zip(confirms) {
                 if let Err(error) = confirm {
                     results[slot] = Err(publish_error(error));

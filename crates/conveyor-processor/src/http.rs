@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use conveyor_api::body::{BodyFormat, content_format, read_limited};
+use conveyor_api::recorded::{self, Door};
 use conveyor_api::{HttpError, Readiness};
 use conveyor_core::stats::DeadLetterView;
 use conveyor_core::{ApiError, ErrorCode, EventDraft, Limits, body, validate};
@@ -64,6 +65,7 @@ async fn enqueue_inner(
     let format = content_format(headers, &[BodyFormat::Protobuf, BodyFormat::Json])?;
     let bytes = read_limited(body, headers, state.max_body_bytes).await?;
     if format == BodyFormat::Json {
+        recorded::received(Door::Enqueue, 1);
         // The seed's single-event body.
         let draft = body::parse_event(&bytes, None)?;
         let event = validate(draft, &state.limits)?;
@@ -85,6 +87,7 @@ async fn enqueue_inner(
             format!("the body is not a protobuf EventBatch: {e}"),
         )
     })?;
+    recorded::received(Door::Enqueue, batch.events.len());
     // Ingest validated these already; checking again keeps a bad caller from putting events
     // into the queue that a sink could not write.
     let mut results: Vec<v1::EventResult> = Vec::with_capacity(batch.events.len());

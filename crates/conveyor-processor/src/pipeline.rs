@@ -7,7 +7,10 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
+use conveyor_api::histogram::LocalHistogram;
+use conveyor_api::recorded;
 use conveyor_core::{ContentType, Event};
 
 pub trait Stage: Send + Sync + fmt::Debug {
@@ -22,6 +25,12 @@ pub trait Stage: Send + Sync + fmt::Debug {
     /// Whether `apply` may take long enough to stall an async runtime thread.
     fn cpu_heavy(&self) -> bool {
         false
+    }
+
+    /// The stage's kind, the `stage` label of `conveyor_stage_duration_seconds` (one of
+    /// [`conveyor_api::recorded::STAGE_KINDS`]; anything else is counted as `other`).
+    fn kind(&self) -> &'static str {
+        "other"
     }
 }
 
@@ -71,14 +80,32 @@ impl Pipeline {
 
     /// Runs one event through every stage.
     pub fn run(&self, event: Event) -> Outcome {
+        let mut timings = self.timings();
+        self.run_timed(event, &mut timings)
+    }
+
+    /// One per-batch duration accumulator per stage (flushed to the shared histograms on drop).
+    fn timings(&self) -> Vec<LocalHistogram> {
+        self.stages
+            .iter()
+            .map(|stage| recorded::stage_histogram(stage.kind()).local())
+            .collect()
+    }
+
+    fn run_timed(&self, event: Event, timings: &mut [LocalHistogram]) -> Outcome {
         if self.stages.is_empty() {
             return Outcome::Passed(event);
         }
         // Keep the original only when a stage may change the event, so a retry starts clean.
         let original = self.mutates().then(|| event.clone());
         let mut event = event;
-        for stage in self.stages.iter() {
-            if let Err(error) = stage.apply(&mut event) {
+        let mut started = Instant::now();
+        for (stage, timing) in self.stages.iter().zip(timings.iter_mut()) {
+            let applied = stage.apply(&mut event);
+            let now = Instant::now();
+            timing.record_duration(now - started);
+            started = now;
+            if let Err(error) = applied {
                 return Outcome::Failed(Failed {
                     event: original.unwrap_or(event),
                     error,
@@ -88,9 +115,13 @@ impl Pipeline {
         Outcome::Passed(event)
     }
 
-    /// Runs a batch, keeping order.
+    /// Runs a batch, keeping order. Stage durations are recorded once per batch.
     pub fn run_batch(&self, events: Vec<Event>) -> Vec<Outcome> {
-        events.into_iter().map(|event| self.run(event)).collect()
+        let mut timings = self.timings();
+        events
+            .into_iter()
+            .map(|event| self.run_timed(event, &mut timings))
+            .collect()
     }
 }
 
@@ -148,6 +179,10 @@ fn parse_stage(spec: &str) -> Result<Box<dyn Stage>, String> {
 struct RequireJson;
 
 impl Stage for RequireJson {
+    fn kind(&self) -> &'static str {
+        "json"
+    }
+
     fn apply(&self, event: &mut Event) -> Result<(), String> {
         serde_json::from_slice::<serde::de::IgnoredAny>(&event.payload)
             .map(|_| ())
@@ -162,6 +197,10 @@ struct RequireFields {
 }
 
 impl Stage for RequireFields {
+    fn kind(&self) -> &'static str {
+        "require"
+    }
+
     fn apply(&self, event: &mut Event) -> Result<(), String> {
         if event.content_type != ContentType::Json {
             return Err("payload is not JSON".into());
@@ -187,6 +226,10 @@ struct SetMetadata {
 }
 
 impl Stage for SetMetadata {
+    fn kind(&self) -> &'static str {
+        "set-metadata"
+    }
+
     fn apply(&self, event: &mut Event) -> Result<(), String> {
         std::sync::Arc::make_mut(&mut event.metadata).insert(self.key.clone(), self.value.clone());
         Ok(())
@@ -206,6 +249,10 @@ struct FailIf {
 }
 
 impl Stage for FailIf {
+    fn kind(&self) -> &'static str {
+        "fail-if"
+    }
+
     fn apply(&self, event: &mut Event) -> Result<(), String> {
         if event.metadata.get(&self.key) == Some(&self.value) {
             Err(format!(
@@ -226,6 +273,10 @@ struct CpuBurn {
 }
 
 impl Stage for CpuBurn {
+    fn kind(&self) -> &'static str {
+        "cpu"
+    }
+
     fn apply(&self, event: &mut Event) -> Result<(), String> {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for round in 0..self.rounds {

@@ -12,7 +12,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use conveyor_api::recorded;
 
 use conveyor_core::stats::{PoolStats, ProcessorStats, ReplayReport};
 use conveyor_core::{Event, REPLAY_HEADER, now_ms};
@@ -92,6 +94,7 @@ impl Processor {
         dlq: Arc<dyn DeadLetterQueue>,
         config: ProcessorConfig,
     ) -> Arc<Self> {
+        recorded::mark_processor();
         Arc::new(Processor {
             seen: Mutex::new(SeenIds::new(config.dedupe_window)),
             queue,
@@ -255,9 +258,13 @@ impl Processor {
             match batch {
                 Ok(batch) if batch.is_empty() => {}
                 Ok(batch) => {
+                    recorded::FETCH_BATCH_EVENTS.record(batch.len() as u64);
+                    let started = Instant::now();
                     self.counters.active.fetch_add(1, Ordering::Relaxed);
                     self.process(batch).await;
                     self.counters.active.fetch_sub(1, Ordering::Relaxed);
+                    let busy = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    recorded::WORKER_BUSY_MICROS.fetch_add(busy, Ordering::Relaxed);
                 }
                 Err(error) => {
                     // A broken consumer (e.g. the broker restarted under it) is replaced, not
@@ -345,14 +352,17 @@ impl Processor {
         }
 
         if !passed.is_empty() {
+            let started = Instant::now();
             let written = while_keeping_alive(
                 &passed_handles,
                 keep_alive,
                 self.sink.write(&passed, now_ms()),
             )
             .await;
+            recorded::SINK_WRITE_DURATION.record_duration(started.elapsed());
             match written {
                 Ok(()) => {
+                    record_written(&passed);
                     {
                         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
                         for event in &passed {
@@ -367,6 +377,7 @@ impl Processor {
                     }
                 }
                 Err(error) => {
+                    recorded::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, events = passed.len(), "sink write failed");
                     let message = error.to_string();
                     failed.extend(
@@ -488,6 +499,21 @@ async fn while_keeping_alive<F: std::future::Future>(
                 }
             }
         }
+    }
+}
+
+/// Batch size and end-to-end latency (acceptance timestamp to now) of a confirmed sink write.
+fn record_written(events: &[Event]) {
+    recorded::SINK_BATCH_EVENTS.record(events.len() as u64);
+    let written_ms = now_ms();
+    let mut latency = recorded::END_TO_END.local();
+    for event in events {
+        // A client-supplied timestamp in the future counts as zero.
+        latency.record(
+            written_ms
+                .saturating_sub(event.timestamp_ms)
+                .saturating_mul(1000),
+        );
     }
 }
 

@@ -14,6 +14,36 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// Log format on stderr: text or json (CONVEYOR_LOG_FORMAT is read too). Level: RUST_LOG
+    /// or CONVEYOR_LOG.
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        value_enum
+    )]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Command {
+    /// Whether `--profiling` was given to a serving role.
+    pub fn profiling(&self) -> bool {
+        match self {
+            Command::Run(args) => args.serve.profiling,
+            Command::Gateway(args) => args.serve.profiling,
+            Command::Ingest(args) => args.serve.profiling,
+            Command::Processor(args) => args.serve.profiling,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,6 +58,28 @@ pub enum Command {
     Processor(ProcessorArgs),
     /// Sends events to a conveyor and measures latency and accepted/processed events per second.
     Load(conveyor_load::LoadArgs),
+    /// Shows the system's status as the gateway sees it (GET /api/v1/status) as a table.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The gateway (or `conveyor run`) to ask.
+    #[arg(
+        long,
+        env = "CONVEYOR_GATEWAY_URL",
+        value_name = "CONVEYOR_GATEWAY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub gateway_url: String,
+
+    /// Print the gateway's JSON answer as it is instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Give up after this many seconds.
+    #[arg(long, env = "CONVEYOR_STATUS_TIMEOUT_SECS", default_value_t = 10)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +101,11 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub drain_timeout_secs: u64,
+
+    /// Serve GET /debug/pprof/profile?seconds=N, a CPU flamegraph (SVG) of this process. Off
+    /// by default: a profile costs CPU while it runs and shows the code's inner workings.
+    #[arg(long, env = "CONVEYOR_PROFILING", value_name = "CONVEYOR_PROFILING")]
+    pub profiling: bool,
 }
 
 impl ServeArgs {

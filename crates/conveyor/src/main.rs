@@ -3,6 +3,7 @@
 mod cli;
 mod roles;
 mod shutdown;
+mod status;
 
 use std::process::ExitCode;
 
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logging();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,8 +56,9 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr (stdout carries the listening line and the stdout sink).
-/// `CONVEYOR_LOG` (or `RUST_LOG`) sets the filter; `CONVEYOR_LOG_FORMAT=json` switches format.
-fn init_logging() {
+/// `CONVEYOR_LOG` (or `RUST_LOG`) sets the filter; `--log-format` / `LOG_FORMAT` (or
+/// `CONVEYOR_LOG_FORMAT`) `json` switches format.
+fn init_logging(format: Option<cli::LogFormat>) {
     let filter = std::env::var("CONVEYOR_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
@@ -68,7 +70,11 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if std::env::var("CONVEYOR_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+    let json = match format {
+        Some(format) => format == cli::LogFormat::Json,
+        None => std::env::var("CONVEYOR_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")),
+    };
+    if json {
         builder.json().init();
     } else {
         builder.init();

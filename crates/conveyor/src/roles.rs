@@ -49,11 +49,16 @@ impl From<std::io::Error> for Failure {
 }
 
 pub async fn run(command: Command) -> Result<(), Failure> {
+    if command.profiling() {
+        conveyor_api::profiling::enable();
+        tracing::warn!("CPU profiling is on: GET /debug/pprof/profile?seconds=N");
+    }
     match command {
         Command::Run(args) => all_in_one(args).await,
         Command::Gateway(args) => gateway(args).await,
         Command::Ingest(args) => ingest(args).await,
         Command::Processor(args) => processor(args).await,
+        Command::Status(args) => crate::status::run(args).await,
         Command::Load(args) => conveyor_load::run(args)
             .await
             .map(drop)
@@ -246,7 +251,6 @@ impl RoleView for Processor {
     async fn render(&self, out: &mut String) {
         let stats = self.stats().await;
         metrics::render_processor(out, &stats);
-        conveyor_api::queue_metrics::render_queue_detail(out, &stats.queue);
     }
 }
 

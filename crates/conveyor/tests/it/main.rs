@@ -12,5 +12,6 @@ mod dlq;
 mod kafka;
 mod load;
 mod nats;
+mod observability;
 mod shutdown;
 mod split;

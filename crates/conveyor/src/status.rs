@@ -1,0 +1,220 @@
+//! `conveyor status`: the gateway's `GET /api/v1/status` as a table (or its JSON as it is).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cli::StatusArgs;
+use crate::roles::Failure;
+
+pub async fn run(args: StatusArgs) -> Result<(), Failure> {
+    let base = args.gateway_url.trim_end_matches('/');
+    let url = format!("{base}/api/v1/status");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.timeout_secs.max(1)))
+        .build()
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let unreachable = |reason: String| {
+        Failure::Runtime(anyhow::anyhow!(
+            "cannot read the status from the gateway at {url} (CONVEYOR_GATEWAY_URL / --gateway-url): {reason}"
+        ))
+    };
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| unreachable(error_chain(&e)))?;
+    let code = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| unreachable(error_chain(&e)))?;
+    let status: Value = serde_json::from_str(&text).map_err(|e| {
+        unreachable(format!(
+            "answered {code} with a body that is not status JSON ({e}): {:.200}",
+            text
+        ))
+    })?;
+    if status.get("totals").is_none() {
+        return Err(unreachable(format!(
+            "answered {code} without totals: {:.200}",
+            text
+        )));
+    }
+    if args.json {
+        println!("{text}");
+    } else {
+        print!("{}", table(base, &status));
+    }
+    Ok(())
+}
+
+/// An error with its causes, e.g. "error sending request: … Connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+fn num(value: &Value) -> String {
+    match value.as_u64() {
+        Some(n) => group_thousands(n),
+        None => "-".into(),
+    }
+}
+
+fn group_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Rows of cells as left-aligned columns (numbers right-aligned).
+fn columns(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows.iter().map(Vec::len).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let numeric =
+                cell.chars().all(|ch| ch.is_ascii_digit() || ch == ',') && !cell.is_empty();
+            let pad = widths[c].saturating_sub(cell.chars().count());
+            if numeric {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            }
+            line.push_str("  ");
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The readable view of a status answer.
+pub fn table(gateway: &str, status: &Value) -> String {
+    let mut out = String::new();
+    let state = status["status"].as_str().unwrap_or("unknown");
+    let ready = if status["gateway"]["ready"] == true {
+        "ready"
+    } else {
+        "not ready"
+    };
+    let _ = writeln!(out, "conveyor at {gateway}: {state} (gateway {ready})\n");
+
+    let totals = &status["totals"];
+    let keys = [
+        "accepted",
+        "processed",
+        "failed",
+        "retried",
+        "dead_lettered",
+        "duplicates",
+        "rejected",
+        "pending",
+    ];
+    let mut rows = vec![
+        keys.iter().map(|k| k.to_uppercase()).collect::<Vec<_>>(),
+        keys.iter().map(|k| num(&totals[*k])).collect(),
+    ];
+    out.push_str(&columns(&rows));
+
+    let processor = &status["processor"]["stats"];
+    let queue = &processor["queue"];
+    let pool = &processor["pool"];
+    let lag = queue["size"].as_u64().unwrap_or(0) + queue["in_flight"].as_u64().unwrap_or(0);
+    let capacity = match queue["capacity"].as_u64() {
+        Some(0) | None => "broker".to_owned(),
+        Some(n) => group_thousands(n),
+    };
+    out.push('\n');
+    rows = vec![
+        vec![
+            "QUEUE".into(),
+            "SIZE".into(),
+            "IN FLIGHT".into(),
+            "LAG".into(),
+            "CAPACITY".into(),
+            "WORKERS BUSY".into(),
+            "DLQ".into(),
+        ],
+        vec![
+            queue["backend"].as_str().unwrap_or("-").to_owned(),
+            num(&queue["size"]),
+            num(&queue["in_flight"]),
+            group_thousands(lag),
+            capacity,
+            format!("{}/{}", num(&pool["active"]), num(&pool["workers"])),
+            num(&processor["dlq_size"]),
+        ],
+    ];
+    out.push_str(&columns(&rows));
+
+    out.push('\n');
+    rows = vec![vec![
+        "ROLE".into(),
+        "INSTANCE".into(),
+        "HEALTHY".into(),
+        "ACCEPTED/PROCESSED".into(),
+        "ERROR".into(),
+    ]];
+    for instance in status["instances"].as_array().into_iter().flatten() {
+        let stats = &instance["stats"];
+        let count = if instance["role"] == "processor" {
+            num(&stats["pool"]["processed"])
+        } else {
+            num(&stats["accepted"])
+        };
+        rows.push(vec![
+            instance["role"].as_str().unwrap_or("-").to_owned(),
+            instance["url"].as_str().unwrap_or("-").to_owned(),
+            if instance["healthy"] == true {
+                "yes".into()
+            } else {
+                "NO".into()
+            },
+            count,
+            instance["error"].as_str().unwrap_or("").to_owned(),
+        ]);
+    }
+    out.push_str(&columns(&rows));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_grouped_and_columns_line_up() {
+        assert_eq!(group_thousands(0), "0");
+        assert_eq!(group_thousands(1234567), "1,234,567");
+        let text = columns(&[
+            vec!["A".into(), "NAME".into()],
+            vec!["1,000".into(), "x".into()],
+        ]);
+        assert_eq!(text, "A      NAME\n1,000  x\n");
+    }
+}
