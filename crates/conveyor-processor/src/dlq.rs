@@ -53,11 +53,30 @@ pub trait DeadLetterQueue: Send + Sync + 'static {
     /// and the requested ids that were not found.
     async fn take(&self, ids: Option<&[String]>) -> (Vec<DeadLetter>, Vec<String>);
 
-    /// Returns letters taken for a replay that the queue refused.
-    async fn put_back(&self, letters: Vec<DeadLetter>);
+    /// Returns letters taken for a replay that the queue refused. By default each is pushed
+    /// again (a broker DLQ appends it anew).
+    async fn put_back(&self, letters: Vec<DeadLetter>) {
+        for letter in letters {
+            if let Err(letter) = self.push(letter).await {
+                tracing::error!(id = %letter.event.id, "a replay was refused and the DLQ would not take the event back");
+            }
+        }
+    }
 
     /// How many dead letters are held.
     async fn size(&self) -> u64;
+}
+
+/// The requested `ids` that are not among `taken`: the second half of
+/// [`DeadLetterQueue::take`]'s answer (none when every letter was asked for).
+pub fn ids_not_taken(ids: Option<&[String]>, taken: &[DeadLetter]) -> Vec<String> {
+    ids.map(|ids| {
+        ids.iter()
+            .filter(|id| !taken.iter().any(|l| *l.event.id == ***id))
+            .cloned()
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// A bounded in-memory DLQ.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue};
+use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use conveyor_proto::v1;
 use prost::Message as _;
 use rdkafka::config::FromClientConfigAndContext;
@@ -212,32 +212,15 @@ impl DeadLetterQueue for KafkaDeadLetters {
             }
         };
         let mut taken = Vec::new();
-        let mut found: Vec<String> = Vec::new();
         for (key, letter) in letters {
             let wanted = ids.is_none_or(|ids| ids.iter().any(|id| **id == *letter.event.id));
             if wanted && self.send(&key, None).await.is_ok() {
                 self.adjust_size(-1);
-                found.push(letter.event.id.to_string());
                 taken.push(letter);
             }
         }
-        let not_found = ids
-            .map(|ids| {
-                ids.iter()
-                    .filter(|id| !found.contains(id))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let not_found = ids_not_taken(ids, &taken);
         (taken, not_found)
-    }
-
-    async fn put_back(&self, letters: Vec<DeadLetter>) {
-        for letter in letters {
-            if let Err(letter) = self.push(letter).await {
-                tracing::error!(id = %letter.event.id, "a replay was refused and the DLQ would not take the event back");
-            }
-        }
     }
 
     async fn size(&self) -> u64 {

@@ -523,77 +523,112 @@ impl Publisher for KafkaQueue {
         }
         let config = &self.inner.config;
         let mut results: Vec<Option<Result<Published, PublishError>>> = vec![None; count];
-        let mut pending = Vec::with_capacity(count);
-        let mut lag = self.estimated_lag();
-        for (index, event) in events.into_iter().enumerate() {
-            if config.capacity > 0 && lag >= config.capacity {
-                results[index] = Some(Err(PublishError::Full));
-                continue;
-            }
-            if !lock(&self.inner.dedupe).insert(&event) {
-                self.inner
-                    .counters
-                    .duplicates
-                    .fetch_add(1, Ordering::Relaxed);
-                results[index] = Some(Ok(Published::Duplicate));
-                continue;
-            }
-            let Ok(permit) = Arc::clone(&self.inner.in_flight).acquire_owned().await else {
-                results[index] = Some(Err(PublishError::Closed));
-                continue;
-            };
-            let payload = conveyor_proto::event_to_wire(event.clone()).encode_to_vec();
-            let headers = OwnedHeaders::new().insert(Header {
-                key: ENCODING_HEADER,
-                value: Some("proto"),
-            });
-            let mut record = FutureRecord::<[u8], [u8]>::to(&config.topic)
-                .payload(&payload)
-                .headers(headers);
-            if let Some(key) = record_key(config.partition_key, &event) {
-                record = record.key(key);
-            }
-            match self.inner.producer.send_result(record) {
-                Ok(report) => {
-                    self.inner.sent.fetch_add(1, Ordering::Relaxed);
+        // Capacity and dedupe decided for the whole batch under one look at each.
+        let mut to_send = Vec::with_capacity(count);
+        {
+            let mut lag = self.estimated_lag();
+            let mut dedupe = lock(&self.inner.dedupe);
+            for (index, event) in events.into_iter().enumerate() {
+                if config.capacity > 0 && lag >= config.capacity {
+                    results[index] = Some(Err(PublishError::Full));
+                } else if !dedupe.insert(&event) {
+                    self.inner
+                        .counters
+                        .duplicates
+                        .fetch_add(1, Ordering::Relaxed);
+                    results[index] = Some(Ok(Published::Duplicate));
+                } else {
                     lag += 1;
-                    pending.push((index, event, report, permit));
-                }
-                Err((error, _)) => {
-                    lock(&self.inner.dedupe).forget(&event);
-                    results[index] = Some(Err(publish_error(&error)));
+                    to_send.push((index, event));
                 }
             }
         }
-        // Every record is on its way; now wait for the delivery reports together.
         let mut produced: HashMap<i32, i64> = HashMap::new();
+        let mut failed = Vec::new();
         // librdkafka may hold a record past `message.timeout.ms` while the broker is gone;
         // the client's answer must not wait longer than the configured timeout.
         let deadline = Instant::now() + config.publish_timeout;
-        for (index, event, report, _permit) in pending {
-            let Ok(report) = tokio::time::timeout_at(deadline, report).await else {
-                lock(&self.inner.dedupe).forget(&event);
-                results[index] = Some(Err(PublishError::Unavailable(format!(
-                    "no delivery report from Kafka within {:?}",
-                    config.publish_timeout
-                ))));
+        let most = config.max_in_flight_publishes.max(1);
+        let mut to_send = to_send.into_iter().peekable();
+        while to_send.peek().is_some() {
+            let chunk: Vec<(usize, Event)> = to_send.by_ref().take(most).collect();
+            // One permit per record in flight, taken for the chunk at once.
+            let Ok(_permits) = Arc::clone(&self.inner.in_flight)
+                .acquire_many_owned(chunk.len() as u32)
+                .await
+            else {
+                for (index, event) in chunk {
+                    failed.push(event);
+                    results[index] = Some(Err(PublishError::Closed));
+                }
                 continue;
             };
-            let outcome = match report {
-                Ok(Ok(delivered)) => {
-                    let next = produced.entry(delivered.partition).or_default();
-                    *next = (*next).max(delivered.offset + 1);
-                    Ok(Published::Stored)
+            let mut waiting = Vec::with_capacity(chunk.len());
+            let mut reports = Vec::with_capacity(chunk.len());
+            for (index, event) in chunk {
+                let payload = conveyor_proto::event_to_wire(event.clone()).encode_to_vec();
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: ENCODING_HEADER,
+                    value: Some("proto"),
+                });
+                let mut record = FutureRecord::<[u8], [u8]>::to(&config.topic)
+                    .payload(&payload)
+                    .headers(headers);
+                if let Some(key) = record_key(config.partition_key, &event) {
+                    record = record.key(key);
                 }
-                Ok(Err((error, _))) => Err(publish_error(&error)),
-                Err(_canceled) => Err(PublishError::Unavailable(
-                    "the Kafka producer went away".into(),
-                )),
-            };
-            if outcome.is_err() {
-                lock(&self.inner.dedupe).forget(&event);
+                match self.inner.producer.send_result(record) {
+                    Ok(report) => {
+                        waiting.push((index, event));
+                        reports.push(report);
+                    }
+                    Err((error, _)) => {
+                        results[index] = Some(Err(publish_error(&error)));
+                        failed.push(event);
+                    }
+                }
             }
-            results[index] = Some(outcome);
+            self.inner
+                .sent
+                .fetch_add(reports.len() as u64, Ordering::Relaxed);
+            // Every record of the chunk is on its way; now wait for the delivery reports, all
+            // under one deadline.
+            let mut reported = Vec::with_capacity(reports.len());
+            let _ = tokio::time::timeout_at(deadline, async {
+                for report in reports {
+                    reported.push(report.await);
+                }
+            })
+            .await;
+            let mut reported = reported.into_iter();
+            for (index, event) in waiting {
+                let outcome = match reported.next() {
+                    Some(Ok(Ok(delivered))) => {
+                        let next = produced.entry(delivered.partition).or_default();
+                        *next = (*next).max(delivered.offset + 1);
+                        Ok(Published::Stored)
+                    }
+                    Some(Ok(Err((error, _)))) => Err(publish_error(&error)),
+                    Some(Err(_canceled)) => Err(PublishError::Unavailable(
+                        "the Kafka producer went away".into(),
+                    )),
+                    None => Err(PublishError::Unavailable(format!(
+                        "no delivery report from Kafka within {:?}",
+                        config.publish_timeout
+                    ))),
+                };
+                if outcome.is_err() {
+                    failed.push(event);
+                }
+                results[index] = Some(outcome);
+            }
+        }
+        // A failed publish must not make the client's retry look like a duplicate.
+        if !failed.is_empty() {
+            let mut dedupe = lock(&self.inner.dedupe);
+            for event in &failed {
+                dedupe.forget(event);
+            }
         }
         if !produced.is_empty() {
             let mut up_to = lock(&self.inner.produced_up_to);

@@ -7,7 +7,7 @@ use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, Stream};
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue};
+use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use conveyor_proto::v1;
 use prost::Message;
 
@@ -141,31 +141,14 @@ impl DeadLetterQueue for NatsDeadLetters {
             return (Vec::new(), ids.map(<[String]>::to_vec).unwrap_or_default());
         };
         let mut taken = Vec::new();
-        let mut found = Vec::new();
         for (sequence, letter) in all {
             let wanted = ids.is_none_or(|ids| ids.iter().any(|id| **id == *letter.event.id));
             if wanted && matches!(stream.delete_message(sequence).await, Ok(true)) {
-                found.push(letter.event.id.to_string());
                 taken.push(letter);
             }
         }
-        let not_found = ids
-            .map(|ids| {
-                ids.iter()
-                    .filter(|id| !found.contains(id))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let not_found = ids_not_taken(ids, &taken);
         (taken, not_found)
-    }
-
-    async fn put_back(&self, letters: Vec<DeadLetter>) {
-        for letter in letters {
-            if let Err(letter) = self.push(letter).await {
-                tracing::error!(id = %letter.event.id, "a replay was refused and the DLQ would not take the event back");
-            }
-        }
     }
 
     async fn size(&self) -> u64 {

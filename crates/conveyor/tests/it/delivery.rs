@@ -145,3 +145,54 @@ pub async fn assert_exactly_once(
         &unexpected[..unexpected.len().min(5)]
     );
 }
+
+/// Stage and retry flags that make events with metadata `poison=yes` fail every attempt and go
+/// to the DLQ after 3.
+pub const POISON_ARGS: [&str; 6] = [
+    "--stage",
+    "fail-if:poison=yes",
+    "--max-attempts",
+    "3",
+    "--retry-backoff-ms",
+    "50",
+];
+
+/// Sends one poison event among 2,000 good ones to a conveyor started with [`POISON_ARGS`]:
+/// every good one is written once, the poison one reaches the DLQ after 3 attempts with its
+/// error, and is never written. Returns the DLQ listing.
+pub async fn poison_goes_to_the_dlq_while_traffic_flows(conveyor: &Conveyor) -> Value {
+    let poison =
+        json!({"id": "poison-1", "source": "crash-test", "data": 1, "metadata": {"poison": "yes"}});
+    let (code, body) = conveyor.post_json("/api/v1/ingest", &poison).await;
+    assert_eq!(code, 202, "{body}");
+    let accepted = send_batches(conveyor, "flow", 2_000, 100, 2).await;
+    let sink = conveyor.sink_path().to_owned();
+    assert_exactly_once(&[&sink], &accepted, "flow-", Duration::from_secs(60)).await;
+    let letters = eventually(
+        "the poison event in the DLQ",
+        Duration::from_secs(30),
+        async || {
+            let (_, dlq) = conveyor.get_json("/api/v1/dlq").await;
+            if dlq["size"] == 1 {
+                Ok(dlq)
+            } else {
+                Err(dlq.to_string())
+            }
+        },
+    )
+    .await;
+    let letter = &letters["events"][0];
+    assert_eq!(letter["id"], "poison-1");
+    assert_eq!(letter["attempts"], 3, "{letter}");
+    assert!(
+        letter["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fail-if")),
+        "{letter}"
+    );
+    assert!(
+        !sink_counts(&[&sink]).contains_key("poison-1"),
+        "the poison event was never written"
+    );
+    letters
+}

@@ -8,7 +8,10 @@ use std::time::Duration;
 use conveyor_testkit::{KafkaBroker, NatsServer, free_port};
 use serde_json::json;
 
-use crate::delivery::{assert_exactly_once, send_batches, send_batches_to, sink_counts};
+use crate::delivery::{
+    POISON_ARGS, assert_exactly_once, poison_goes_to_the_dlq_while_traffic_flows, send_batches,
+    send_batches_to, sink_counts,
+};
 use crate::harness::{Conveyor, Spawn, eventually, read_sink_file};
 
 /// Kafka settings every test uses: its own broker, and a short session timeout so the group
@@ -42,6 +45,25 @@ async fn gateway_for(ingest: &Conveyor, processors: &[&Conveyor]) -> Conveyor {
         ])
         .start()
         .await
+}
+
+/// Waits until the consumer group's lag, summed over the partitions `/api/v1/status` shows,
+/// is 0: every event's offset was committed. Returns that status.
+async fn lag_reaches_zero(gateway: &Conveyor) -> serde_json::Value {
+    eventually("the lag to reach 0", Duration::from_secs(30), async || {
+        let (_, status) = gateway.get_json("/api/v1/status").await;
+        let queue = &status["processor"]["stats"]["queue"];
+        let lag: u64 = queue["partitions"]
+            .as_array()
+            .map(|ps| ps.iter().map(|p| p["lag"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(u64::MAX);
+        if lag == 0 {
+            Ok(status)
+        } else {
+            Err(queue.to_string())
+        }
+    })
+    .await
 }
 
 /// The metric value of the sample line that starts with `series` (e.g. `name{labels}`).
@@ -104,20 +126,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
     );
     assert_exactly_once(&[&sink], &accepted, "kill-", Duration::from_secs(180)).await;
     // The group's commits caught up with everything: no lag left on any partition.
-    let status = eventually("the lag to reach 0", Duration::from_secs(30), async || {
-        let (_, status) = gateway.get_json("/api/v1/status").await;
-        let queue = &status["processor"]["stats"]["queue"];
-        let lag: u64 = queue["partitions"]
-            .as_array()
-            .map(|ps| ps.iter().map(|p| p["lag"].as_u64().unwrap_or(0)).sum())
-            .unwrap_or(u64::MAX);
-        if lag == 0 {
-            Ok(status)
-        } else {
-            Err(queue.to_string())
-        }
-    })
-    .await;
+    let status = lag_reaches_zero(&gateway).await;
     assert_eq!(
         status["processor"]["stats"]["queue"]["backend"], "kafka",
         "{status}"
@@ -128,52 +137,12 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
 async fn run_mode_on_kafka_dead_letters_a_poison_event_and_replays_it() {
     let broker = KafkaBroker::start();
     let conveyor = kafka_env(Spawn::new("run"), &broker)
-        .args([
-            "--stage",
-            "fail-if:poison=yes",
-            "--max-attempts",
-            "3",
-            "--retry-backoff-ms",
-            "50",
-        ])
+        .args(POISON_ARGS)
         .start()
         .await;
-    let poison =
-        json!({"id": "poison-1", "source": "kafka-test", "data": 1, "metadata": {"poison": "yes"}});
-    let (code, body) = conveyor.post_json("/api/v1/ingest", &poison).await;
-    assert_eq!(code, 202, "{body}");
-    let accepted = send_batches(&conveyor, "flow", 2_000, 100, 2).await;
-    let sink = conveyor.sink_path().to_owned();
-    assert_exactly_once(&[&sink], &accepted, "flow-", Duration::from_secs(60)).await;
-    let letters = eventually(
-        "the poison event in the DLQ topic",
-        Duration::from_secs(30),
-        async || {
-            let (_, dlq) = conveyor.get_json("/api/v1/dlq").await;
-            if dlq["size"] == 1 {
-                Ok(dlq)
-            } else {
-                Err(dlq.to_string())
-            }
-        },
-    )
-    .await;
-    assert_eq!(letters["events"][0]["id"], "poison-1", "{letters}");
-    assert_eq!(letters["events"][0]["attempts"], 3, "{letters}");
+    poison_goes_to_the_dlq_while_traffic_flows(&conveyor).await;
     // Its offset moved on only after it was dead-lettered: nothing lags.
-    let status = eventually("the lag to reach 0", Duration::from_secs(20), async || {
-        let status = conveyor.status().await;
-        let lag: u64 = status["processor"]["stats"]["queue"]["partitions"]
-            .as_array()
-            .map(|ps| ps.iter().map(|p| p["lag"].as_u64().unwrap_or(0)).sum())
-            .unwrap_or(u64::MAX);
-        if lag == 0 {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
-    })
-    .await;
+    let status = lag_reaches_zero(&conveyor).await;
     assert!(status["processor"]["stats"]["queue"]["partitions"].is_array());
     // Replay takes it out of the topic and back into the queue (it fails again, and returns).
     let (code, report) = conveyor
@@ -181,7 +150,22 @@ async fn run_mode_on_kafka_dead_letters_a_poison_event_and_replays_it() {
         .await;
     assert_eq!(code, 200, "{report}");
     assert_eq!(report["replayed"], 1, "{report}");
-    assert!(!sink_counts(&[&sink]).contains_key("poison-1"));
+    // Replayed, it fails its attempts again and comes back to the DLQ topic: once.
+    eventually(
+        "the replayed poison event back in the DLQ",
+        Duration::from_secs(30),
+        async || {
+            let (_, dlq) = conveyor.get_json("/api/v1/dlq").await;
+            let retried = dlq["events"][0]["attempts"] == 3 && dlq["size"] == 1;
+            if retried && conveyor.status().await["totals"]["dead_lettered"] == 2 {
+                Ok(())
+            } else {
+                Err(dlq.to_string())
+            }
+        },
+    )
+    .await;
+    assert!(!sink_counts(&[conveyor.sink_path()]).contains_key("poison-1"));
 }
 
 /// Starts NATS + tansu, a composite ingest with `strategy`, and returns what a test needs.

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use conveyor_testkit::{NatsServer, free_port};
-use serde_json::json;
 
 use crate::delivery::{
-    assert_exactly_once, event_body, send_batches, send_batches_to, sink_counts,
+    POISON_ARGS, assert_exactly_once, event_body, poison_goes_to_the_dlq_while_traffic_flows,
+    send_batches, send_batches_to,
 };
 use crate::harness::{Conveyor, Spawn, eventually, read_json, read_sink_file};
 
@@ -211,49 +211,10 @@ async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_
 async fn a_poison_event_goes_to_the_dlq_after_max_attempts_while_traffic_flows() {
     let server = NatsServer::start();
     let conveyor = nats_env(Spawn::new("run"), &server)
-        .args([
-            "--stage",
-            "fail-if:poison=yes",
-            "--max-attempts",
-            "3",
-            "--retry-backoff-ms",
-            "50",
-        ])
+        .args(POISON_ARGS)
         .start()
         .await;
-    let poison =
-        json!({"id": "poison-1", "source": "crash-test", "data": 1, "metadata": {"poison": "yes"}});
-    let (code, body) = conveyor.post_json("/api/v1/ingest", &poison).await;
-    assert_eq!(code, 202, "{body}");
-    let accepted = send_batches(&conveyor, "flow", 2_000, 100, 2).await;
-    let sink = conveyor.sink_path().to_owned();
-    assert_exactly_once(&[&sink], &accepted, "flow-", Duration::from_secs(60)).await;
-    let letters = eventually(
-        "the poison event in the DLQ",
-        Duration::from_secs(30),
-        async || {
-            let (_, dlq) = conveyor.get_json("/api/v1/dlq").await;
-            if dlq["size"] == 1 {
-                Ok(dlq)
-            } else {
-                Err(dlq.to_string())
-            }
-        },
-    )
-    .await;
-    let letter = &letters["events"][0];
-    assert_eq!(letter["id"], "poison-1");
-    assert_eq!(letter["attempts"], 3, "{letter}");
-    assert!(
-        letter["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("fail-if")),
-        "{letter}"
-    );
-    assert!(
-        !sink_counts(&[&sink]).contains_key("poison-1"),
-        "the poison event was never written"
-    );
+    poison_goes_to_the_dlq_while_traffic_flows(&conveyor).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
