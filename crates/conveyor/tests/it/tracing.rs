@@ -220,10 +220,24 @@ async fn post_event(target: &Conveyor, traceparent: Option<&str>, id: &str) -> S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_mode_carries_one_trace_from_gateway_through_ingest_to_the_processor() {
+    split_mode_trace(|spawn| spawn).await;
+}
+
+/// The same over NATS: the trace context travels in the broker message's encoded event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_mode_over_nats_carries_one_trace_through_the_broker() {
+    let server = conveyor_testkit::NatsServer::start();
+    let url = server.url();
+    split_mode_trace(|spawn| spawn.env("QUEUE_TYPE", "nats").env("NATS_URL", &url)).await;
+}
+
+/// Split mode with every role exporting to a collector; `queue` configures ingest's and the
+/// processor's queue.
+async fn split_mode_trace(queue: impl Fn(Spawn) -> Spawn) {
     let collector = Collector::start().await;
     let otlp = ["--otlp-endpoint", collector.url.as_str()];
-    let processor = Spawn::new("processor").args(otlp).start().await;
-    let ingest = Spawn::new("ingest")
+    let processor = queue(Spawn::new("processor")).args(otlp).start().await;
+    let ingest = queue(Spawn::new("ingest"))
         .args(["--processor-url", processor.base_url()])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.url)
         .start()
