@@ -231,6 +231,21 @@ async fn split_mode_over_nats_carries_one_trace_through_the_broker() {
     split_mode_trace(|spawn| spawn.env("QUEUE_TYPE", "nats").env("NATS_URL", &url)).await;
 }
 
+/// The same over Kafka (a tansu broker): the context travels in the record's encoded event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_mode_over_kafka_carries_one_trace_through_the_broker() {
+    let broker = conveyor_testkit::KafkaBroker::start();
+    let bootstrap = broker.bootstrap();
+    split_mode_trace(|spawn| {
+        spawn
+            .env("QUEUE_TYPE", "kafka")
+            .env("KAFKA_BROKERS", &bootstrap)
+            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("KAFKA_PARTITIONS", "3")
+    })
+    .await;
+}
+
 /// Split mode with every role exporting to a collector; `queue` configures ingest's and the
 /// processor's queue.
 async fn split_mode_trace(queue: impl Fn(Spawn) -> Spawn) {
