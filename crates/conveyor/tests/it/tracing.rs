@@ -342,6 +342,31 @@ async fn conveyor_run_carries_one_trace_from_the_door_to_the_sink() {
     )
     .await;
     assert_eq!(door.parent.as_deref(), Some("b7ad6b7169203331"));
+
+    // gRPC: the call's `traceparent` metadata.
+    let mut request = tonic::Request::new(conveyor_proto::v1::IngestRequest {
+        id: "traced-grpc-1".into(),
+        source: "trace-test".into(),
+        payload: b"{\"n\":1}".to_vec().into(),
+        content_type: "application/json".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        "00-11111111111111111111111111111111-2222222222222222-01"
+            .parse()
+            .expect("ASCII metadata"),
+    );
+    run.grpc().await.ingest(request).await.expect("gRPC Ingest");
+    let door = assert_chain(
+        &collector,
+        "11111111111111111111111111111111",
+        services,
+        "ingest",
+        &["traced-grpc-1".into()],
+    )
+    .await;
+    assert_eq!(door.parent.as_deref(), Some("2222222222222222"));
 }
 
 #[tokio::test]
