@@ -217,4 +217,5 @@ pub fn render_edges(out: &mut String) {
             count.load(Ordering::Relaxed)
         );
     }
+    crate::trace::render(out);
 }

@@ -9,8 +9,10 @@ pub mod body;
 pub mod error;
 pub mod event;
 pub mod stats;
+pub mod trace;
 pub mod validate;
 
 pub use error::{ApiError, ErrorCode};
 pub use event::{ContentType, Event, EventDraft, Metadata, REPLAY_HEADER, now_ms};
+pub use trace::{TRACEPARENT, TraceContext};
 pub use validate::{Limits, validate};

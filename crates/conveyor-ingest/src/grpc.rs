@@ -4,8 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use conveyor_api::recorded::{self, Door};
+use conveyor_api::trace::DoorTrace;
 use conveyor_api::{Readiness, grpc_status};
-use conveyor_core::{ApiError, ErrorCode};
+use conveyor_core::{ApiError, ErrorCode, TRACEPARENT};
 use conveyor_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
 use conveyor_proto::v1::{
     EventResult, IngestBatchRequest, IngestBatchResponse, IngestRequest, IngestResponse,
@@ -61,6 +62,49 @@ impl IngestGrpc {
         let drafts = requests.into_iter().map(draft_from_request).collect();
         self.intake.submit(drafts).await
     }
+
+    /// [`submit`](Self::submit) for a unary or batch call whose metadata names a
+    /// `traceparent`: a door span for the call, and its context on every event that does not
+    /// carry one of its own. Without the metadata nothing changes (split mode's gateway → ingest
+    /// calls carry the context per event, in `IngestRequest.headers`).
+    async fn submit_traced(
+        &self,
+        door: Door,
+        name: &'static str,
+        traceparent: Option<&str>,
+        mut requests: Vec<IngestRequest>,
+    ) -> Vec<Result<String, ApiError>> {
+        let Some(traceparent) = traceparent else {
+            return self.submit(door, requests).await;
+        };
+        let trace = DoorTrace::begin(Some(traceparent));
+        if let Some(header) = &trace.header {
+            for request in &mut requests {
+                request
+                    .headers
+                    .entry(TRACEPARENT.to_owned())
+                    .or_insert_with(|| header.clone());
+            }
+        }
+        let count = requests.len();
+        let results = self.submit(door, requests).await;
+        let refused = results.iter().filter(|result| result.is_err()).count();
+        trace.finish(
+            name,
+            count,
+            (refused > 0).then(|| format!("{refused} of {count} events refused")),
+        );
+        results
+    }
+}
+
+/// The call's `traceparent` metadata, if any.
+fn traceparent<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(TRACEPARENT)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn event_result(index: usize, result: Result<String, ApiError>) -> EventResult {
@@ -86,8 +130,14 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
+        let traceparent = traceparent(&request);
         let result = self
-            .submit(Door::GrpcUnary, vec![request.into_inner()])
+            .submit_traced(
+                Door::GrpcUnary,
+                "ingest",
+                traceparent.as_deref(),
+                vec![request.into_inner()],
+            )
             .await
             .pop()
             .unwrap_or_else(|| Err(ApiError::internal("intake returned no result")));
@@ -148,6 +198,7 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<IngestBatchRequest>,
     ) -> Result<Response<IngestBatchResponse>, Status> {
+        let traceparent = traceparent(&request);
         let events = request.into_inner().events;
         if events.len() > self.max_batch_events {
             return Err(grpc_status(&ApiError::new(
@@ -156,7 +207,12 @@ impl IngestService for IngestGrpc {
             )));
         }
         let results = self
-            .submit(Door::GrpcBatch, events)
+            .submit_traced(
+                Door::GrpcBatch,
+                "ingest_batch",
+                traceparent.as_deref(),
+                events,
+            )
             .await
             .into_iter()
             .enumerate()

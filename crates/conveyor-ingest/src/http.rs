@@ -10,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use conveyor_api::body::{BodyFormat, content_format, read_limited};
 use conveyor_api::recorded::{self, Door};
+use conveyor_api::trace::DoorTrace;
 use conveyor_api::{HttpError, Readiness, http_status};
-use conveyor_core::{ApiError, EventDraft, body};
+use conveyor_core::{ApiError, EventDraft, TRACEPARENT, body};
 use serde::Serialize;
 
 use crate::Intake;
@@ -94,13 +95,32 @@ async fn ingest_one_inner(
         })?),
     };
     let bytes = read_limited(body, headers, state.limits.max_body_bytes).await?;
-    let draft = body::parse_event(&bytes, idempotency_key)?;
-    state
+    let mut draft = body::parse_event(&bytes, idempotency_key)?;
+    let trace = door_trace(headers);
+    if let Some(header) = &trace.header {
+        draft.headers.insert(TRACEPARENT.to_owned(), header.clone());
+    }
+    let result = state
         .intake
         .submit(vec![draft])
         .await
         .pop()
-        .unwrap_or_else(|| Err(ApiError::internal("intake returned no result")))
+        .unwrap_or_else(|| Err(ApiError::internal("intake returned no result")));
+    trace.finish(
+        "ingest",
+        1,
+        result.as_ref().err().map(|error| error.message.clone()),
+    );
+    result
+}
+
+/// The request's trace context, for the door's span and its events (see [`DoorTrace`]).
+fn door_trace(headers: &HeaderMap) -> DoorTrace {
+    DoorTrace::begin(
+        headers
+            .get(TRACEPARENT)
+            .and_then(|value| value.to_str().ok()),
+    )
 }
 
 /// One line of a batch answer: the accepted id, or the error for that element.
@@ -146,7 +166,22 @@ async fn ingest_batch_inner(
         state.limits.max_batch_events,
     )?;
     recorded::received(Door::HttpBatch, parsed.len());
-    Ok(submit_parsed(state.intake.as_ref(), parsed).await)
+    let trace = door_trace(headers);
+    let count = parsed.len();
+    let mut parsed = parsed;
+    if let Some(header) = &trace.header {
+        for draft in parsed.iter_mut().flatten() {
+            draft.headers.insert(TRACEPARENT.to_owned(), header.clone());
+        }
+    }
+    let results = submit_parsed(state.intake.as_ref(), parsed).await;
+    let refused = results.iter().filter(|result| result.is_err()).count();
+    trace.finish(
+        "ingest_batch",
+        count,
+        (refused > 0).then(|| format!("{refused} of {count} events refused")),
+    );
+    Ok(results)
 }
 
 /// Submits the well-formed elements and merges their answers with the parse errors, in order.

@@ -15,13 +15,14 @@ pub mod grpc;
 pub mod http;
 pub mod remote;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use conveyor_api::recorded;
+use conveyor_api::{recorded, trace};
 use conveyor_core::stats::IngestStats;
-use conveyor_core::{ApiError, ErrorCode, EventDraft, Limits, validate};
+use conveyor_core::{ApiError, ErrorCode, Event, EventDraft, Limits, TRACEPARENT, validate};
 use conveyor_queue::{Health, PublishError, Publisher};
 
 pub use coalesce::{CoalescingIntake, CoalescingPublisher};
@@ -109,13 +110,20 @@ impl Intake for Ingest {
         drop(payload_sizes);
         if !valid.is_empty() {
             recorded::PUBLISH_BATCH_EVENTS.record(valid.len() as u64);
+            let mut spans = trace::enabled().then(|| PublishSpans::start(&mut valid));
             let started = std::time::Instant::now();
             let confirms = self.publisher.publish(valid).await;
             recorded::PUBLISH_DURATION.record_duration(started.elapsed());
-            for (slot, confirm) in pending.into_iter().zip(confirms) {
+            for (index, (slot, confirm)) in pending.into_iter().zip(confirms).enumerate() {
                 if let Err(error) = confirm {
+                    if let Some(spans) = spans.as_mut() {
+                        spans.failed(index, &error);
+                    }
                     results[slot] = Err(publish_error(error));
                 }
+            }
+            if let Some(spans) = spans {
+                spans.finish();
             }
         }
         self.count(&results);
@@ -129,4 +137,58 @@ impl Intake for Ingest {
 
 fn publish_error(error: PublishError) -> ApiError {
     error.into()
+}
+
+/// The `publish` spans of one publish batch (only while spans are recorded): one per distinct
+/// parent context among the batch's events (a request's events share one), each event's
+/// `traceparent` rewritten to its span, so the processor's span is that span's child. An event
+/// that arrives without a context (a gRPC client's) starts a trace of its own here.
+struct PublishSpans {
+    spans: Vec<(trace::Started, usize, Option<String>)>,
+    /// Per event of the batch, its index in `spans`.
+    of_event: Vec<usize>,
+}
+
+impl PublishSpans {
+    fn start(events: &mut [Event]) -> PublishSpans {
+        let mut spans: Vec<(trace::Started, usize, Option<String>)> = Vec::new();
+        let mut by_parent: HashMap<([u8; 16], [u8; 8]), usize> = HashMap::new();
+        let mut of_event = Vec::with_capacity(events.len());
+        for event in events.iter_mut() {
+            let index = match trace::event_context(event) {
+                Some(parent) => *by_parent
+                    .entry((parent.trace_id, parent.span_id))
+                    .or_insert_with(|| {
+                        spans.push((trace::Started::child_of(Some(&parent)), 0, None));
+                        spans.len() - 1
+                    }),
+                None => {
+                    spans.push((trace::Started::child_of(None), 0, None));
+                    spans.len() - 1
+                }
+            };
+            spans[index].1 += 1;
+            of_event.push(index);
+            event
+                .headers
+                .insert(TRACEPARENT.to_owned(), spans[index].0.context.header());
+        }
+        PublishSpans { spans, of_event }
+    }
+
+    fn failed(&mut self, event: usize, error: &PublishError) {
+        if let Some(&index) = self.of_event.get(event) {
+            self.spans[index].2.get_or_insert_with(|| error.to_string());
+        }
+    }
+
+    fn finish(self) {
+        trace::record(self.spans.into_iter().map(|(span, events, error)| {
+            let mut record = span.finish("publish", error);
+            record
+                .attributes
+                .push(("conveyor.events", i64::try_from(events).unwrap_or(i64::MAX)));
+            record
+        }));
+    }
 }

@@ -68,6 +68,7 @@ fn to_request(draft: EventDraft) -> IngestRequest {
         content_type: draft.content_type.as_mime().to_owned(),
         metadata: draft.metadata,
         timestamp_ms: draft.timestamp_ms.unwrap_or(0),
+        headers: draft.headers,
     }
 }
 

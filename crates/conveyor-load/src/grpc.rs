@@ -65,6 +65,7 @@ impl GrpcDriver {
                 content_type: "application/json".to_owned(),
                 metadata: body::metadata(),
                 timestamp_ms: 0,
+                headers: Default::default(),
             },
             window: plan.grpc_window.max(1),
             timeout: plan.request_timeout,

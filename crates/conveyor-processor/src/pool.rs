@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use conveyor_api::recorded;
+use conveyor_api::{recorded, trace};
 
 use conveyor_core::stats::{PoolStats, ProcessorStats, ReplayReport};
 use conveyor_core::{Event, REPLAY_HEADER, now_ms};
@@ -336,6 +336,7 @@ impl Processor {
             return;
         }
 
+        let trace_start = trace::enabled().then(trace::now_ns);
         let keep_alive = self.queue.keep_alive_interval();
         let outcomes = while_keeping_alive(&handles, keep_alive, self.run_pipeline(events)).await;
         let mut passed = Vec::with_capacity(outcomes.len());
@@ -350,6 +351,14 @@ impl Processor {
                 Outcome::Failed(failure) => failed.push((failure, handle)),
             }
         }
+        if let Some(start_ns) = trace_start {
+            record_spans(
+                start_ns,
+                failed
+                    .iter()
+                    .map(|(failure, _)| (&failure.event, Some(failure.error.as_str()))),
+            );
+        }
 
         if !passed.is_empty() {
             let started = Instant::now();
@@ -360,6 +369,13 @@ impl Processor {
             )
             .await;
             recorded::SINK_WRITE_DURATION.record_duration(started.elapsed());
+            if let Some(start_ns) = trace_start {
+                let error = written.as_ref().err().map(|error| error.to_string());
+                record_spans(
+                    start_ns,
+                    passed.iter().map(|event| (event, error.as_deref())),
+                );
+            }
             match written {
                 Ok(()) => {
                     record_written(&passed);
@@ -521,6 +537,25 @@ async fn settle(handle: Box<dyn DeliveryHandle>, settlement: Settlement) {
     if let Err(error) = handle.settle(settlement).await {
         tracing::warn!(%error, ?settlement, "settling a delivery failed; it will be redelivered");
     }
+}
+
+/// The `process` span of each event that carries a trace context (pipeline and sink write,
+/// from the batch's start), child of the span that published it.
+fn record_spans<'a>(start_ns: u64, events: impl Iterator<Item = (&'a Event, Option<&'a str>)>) {
+    trace::record(events.filter_map(|(event, error)| {
+        let parent = trace::event_context(event)?;
+        let mut span = trace::Started {
+            context: parent.child(),
+            parent_span_id: Some(parent.span_id),
+            start_ns,
+        }
+        .finish("process", error.map(str::to_owned));
+        span.attributes
+            .push(("conveyor.attempt", i64::from(event.attempt)));
+        span.string_attributes
+            .push(("conveyor.event_id", event.id.to_string()));
+        Some(span)
+    }));
 }
 
 #[cfg(test)]

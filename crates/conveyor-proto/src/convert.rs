@@ -11,7 +11,7 @@ pub fn draft_from_request(request: v1::IngestRequest) -> EventDraft {
         payload: request.payload,
         content_type: ContentType::from_mime(&request.content_type),
         metadata: request.metadata,
-        headers: Default::default(),
+        headers: request.headers,
         payload_checked: false,
     }
 }

@@ -44,6 +44,19 @@ impl Command {
             _ => false,
         }
     }
+
+    /// The serving role's name and its OTLP endpoint, if one was given.
+    pub fn otlp(&self) -> Option<(&'static str, &str)> {
+        let (role, serve) = match self {
+            Command::Run(args) => ("run", &args.serve),
+            Command::Gateway(args) => ("gateway", &args.serve),
+            Command::Ingest(args) => ("ingest", &args.serve),
+            Command::Processor(args) => ("processor", &args.serve),
+            _ => return None,
+        };
+        let endpoint = serve.otlp_endpoint.as_deref()?.trim();
+        (!endpoint.is_empty()).then_some((role, endpoint))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +119,15 @@ pub struct ServeArgs {
     /// by default: a profile costs CPU while it runs and shows the code's inner workings.
     #[arg(long, env = "CONVEYOR_PROFILING", value_name = "CONVEYOR_PROFILING")]
     pub profiling: bool,
+
+    /// Export trace spans as OTLP/HTTP JSON to this collector (base URL, e.g.
+    /// http://127.0.0.1:4318; spans go to {endpoint}/v1/traces). No spans are recorded without.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {

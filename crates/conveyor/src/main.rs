@@ -1,6 +1,7 @@
 //! `conveyor`: one binary, one subcommand per role.
 
 mod cli;
+mod otlp;
 mod roles;
 mod shutdown;
 mod status;

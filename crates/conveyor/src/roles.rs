@@ -53,6 +53,26 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         conveyor_api::profiling::enable();
         tracing::warn!("CPU profiling is on: GET /debug/pprof/profile?seconds=N");
     }
+    let exporter = match command.otlp() {
+        Some((role, endpoint)) => {
+            let url = crate::otlp::traces_url(endpoint).map_err(|e| {
+                Failure::Config(format!(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT (--otlp-endpoint) {endpoint:?}: {e}"
+                ))
+            })?;
+            tracing::info!(%url, "exporting trace spans (OTLP/HTTP JSON)");
+            Some(crate::otlp::Exporter::start(url, role))
+        }
+        None => None,
+    };
+    let result = run_command(command).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
+    result
+}
+
+async fn run_command(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run(args) => all_in_one(args).await,
         Command::Gateway(args) => gateway(args).await,

@@ -25,6 +25,7 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Environment variables the binary reads; cleared so the test machine's environment cannot
 /// change what a test starts.
 const CONFIG_ENV: &[&str] = &[
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
     "API_PORT",
     "INGEST_PORT",
     "PROCESSOR_PORT",
@@ -751,6 +752,7 @@ impl Sample {
             content_type: content_type.to_owned(),
             metadata: self.sent.metadata.clone(),
             timestamp_ms: self.sent.timestamp.unwrap_or(0),
+            headers: Default::default(),
         }
     }
 }

@@ -15,3 +15,4 @@ mod nats;
 mod observability;
 mod shutdown;
 mod split;
+mod tracing;
