@@ -10,6 +10,7 @@
 //! holds was promised to clients, so workers keep going until it is empty (bounded by the drain
 //! timeout).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +83,9 @@ pub struct Processor {
     config: ProcessorConfig,
     counters: Counters,
     seen: Mutex<SeenIds>,
+    /// Ids some worker is processing right now. A second delivery of one of them (a broker
+    /// redelivered it while the first was still at work) waits instead of being written twice.
+    working: Mutex<HashSet<Arc<str>>>,
     stop: watch::Sender<bool>,
     replays: AtomicU64,
 }
@@ -97,6 +101,7 @@ impl Processor {
         recorded::mark_processor();
         Arc::new(Processor {
             seen: Mutex::new(SeenIds::new(config.dedupe_window)),
+            working: Mutex::new(HashSet::new()),
             queue,
             pipeline,
             sink,
@@ -310,16 +315,27 @@ impl Processor {
         let mut events = Vec::with_capacity(batch.len());
         let mut handles = Vec::with_capacity(batch.len());
         let mut duplicates = Vec::new();
+        let mut busy = Vec::new();
         {
             let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut working = self.working.lock().unwrap_or_else(|p| p.into_inner());
             for delivery in batch {
                 if seen.contains(&delivery.event.id) {
                     duplicates.push(delivery);
+                } else if !working.insert(Arc::clone(&delivery.event.id)) {
+                    busy.push(delivery);
                 } else {
                     let (event, handle) = delivery.into_parts();
                     events.push(event);
                     handles.push(handle);
                 }
+            }
+        }
+        // Another worker has this id in hand: ask again later, when it is written (then it is
+        // acked as a duplicate) or failed (then it is processed).
+        for delivery in busy {
+            if let Err(error) = delivery.nack(self.config.backoff_initial).await {
+                tracing::warn!(%error, "nack of a delivery already in progress failed");
             }
         }
         if !duplicates.is_empty() {
@@ -335,7 +351,16 @@ impl Processor {
         if events.is_empty() {
             return;
         }
+        let claimed: Vec<Arc<str>> = events.iter().map(|e| Arc::clone(&e.id)).collect();
+        self.process_claimed(events, handles).await;
+        let mut working = self.working.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &claimed {
+            working.remove(id);
+        }
+    }
 
+    /// Runs the pipeline and the sink for events this worker claimed, and settles them.
+    async fn process_claimed(&self, events: Vec<Event>, handles: Vec<Box<dyn DeliveryHandle>>) {
         let trace_start = trace::enabled().then(trace::now_ns);
         let keep_alive = self.queue.keep_alive_interval();
         let outcomes = while_keeping_alive(&handles, keep_alive, self.run_pipeline(events)).await;
@@ -626,5 +651,40 @@ mod tests {
         assert_eq!(letters[0].attempts, 3);
         assert!(letters[0].error.contains("fail-if"));
         assert_eq!((stats.queue.size, stats.queue.in_flight), (0, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_delivery_of_an_event_in_progress_waits_and_is_not_written_twice() {
+        // A broker that redelivers an event while a worker still has it (its ack deadline
+        // passed) hands the copy to another worker. Here: the same id twice in a queue that
+        // does not dedupe, a slow stage, and two workers taking one event each.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.ndjson");
+        let queue = MemoryQueue::new(MemoryQueueConfig {
+            dedupe_window: 0,
+            ..MemoryQueueConfig::default()
+        });
+        let processor = Processor::new(
+            Arc::new(queue.clone()),
+            Pipeline::parse(&["cpu:20000".into()]).expect("pipeline"),
+            Arc::new(FileSink::open(&path).expect("sink")),
+            Arc::new(MemoryDeadLetters::new(10)),
+            ProcessorConfig {
+                workers: 2,
+                batch_size: 1,
+                backoff_initial: Duration::from_millis(5),
+                ..ProcessorConfig::default()
+            },
+        );
+        queue.try_publish(vec![event("twice", false), event("twice", false)]);
+        let mut workers = processor.start();
+        assert!(
+            processor.drain(&mut workers, Duration::from_secs(20)).await,
+            "drains"
+        );
+        let text = std::fs::read_to_string(&path).expect("sink file");
+        assert_eq!(text.lines().count(), 1, "written once: {text}");
+        let stats = processor.stats().await;
+        assert_eq!((stats.pool.processed, stats.pool.duplicates), (1, 1));
     }
 }
