@@ -270,7 +270,7 @@ impl KafkaQueue {
         let topic = queue.inner.config.topic.clone();
         let partitions = queue.inner.config.partitions;
         ensure_topic(&queue.inner, &topic, partitions, Duration::from_secs(30)).await?;
-        queue.refresh().await;
+        refresh(&queue.inner).await;
         if let Some(reason) = lock(&queue.inner.view).unhealthy.clone() {
             return Err(reason);
         }
@@ -284,11 +284,6 @@ impl KafkaQueue {
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
-    }
-
-    /// Measures the topic's offsets and the group's commits, and with them the broker's health.
-    async fn refresh(&self) {
-        refresh(&self.inner).await;
     }
 
     /// The group's lag as last measured, plus what this process sent since.
@@ -673,7 +668,8 @@ impl Queue for KafkaQueue {
     }
 
     async fn stats(&self) -> QueueStats {
-        self.refresh().await;
+        // The broker view is at most one refresh interval old (`watch_broker`): a status
+        // scrape does not cost the broker a round of metadata and offset requests.
         let view = lock(&self.inner.view).clone();
         let member = self.inner.member.lock().await.clone();
         let local = member.map(|m| m.positions()).unwrap_or_default();
