@@ -10,7 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 APPEND=${APPEND:-1}
-STAGE_CPU=${STAGE_CPU:-cpu:200}
+# The scaling table: each processor runs SCALE_WORKERS workers (one by default, so one process
+# is one core's worth of stage work) and a stage heavy enough that it, not the broker, is the
+# limit. On a 2-core machine the table should rise from 1 to 2 processors and stay flat at 3.
+STAGE_CPU=${STAGE_CPU:-cpu:2000}
+SCALE_WORKERS=${SCALE_WORKERS:-1}
 
 echo "==> building release binaries"
 cargo build --release -q -p conveyor -p conveyor-load --bins
@@ -117,14 +121,14 @@ echo "==> raw rdkafka producer vs conveyor's Kafka publisher, on the same broker
 BENCH_KAFKA_BROKERS="127.0.0.1:$kafka_port" EVENTS=${KAFKA_EVENTS:-100000} \
   cargo bench -q -p conveyor-queue-kafka --bench kafka_path 2>/dev/null | grep '^|' >"$out/kafka-raw.md"
 
-echo "==> scaling: 1, 2, 3 processors on NATS with a CPU-heavy stage ($STAGE_CPU), unpinned"
+echo "==> scaling: 1, 2, 3 processors on NATS with a CPU-heavy stage ($STAGE_CPU, $SCALE_WORKERS worker each), unpinned"
 scaling="$out/scaling.tsv"; : >"$scaling"
 for n in 1 2 3; do
   stream="SCALE$n"
   env=(QUEUE_TYPE=nats NATS_URL="nats://127.0.0.1:$nats_port" CONVEYOR_NATS_STREAM="$stream" CONVEYOR_NATS_SUBJECT="scale.$n")
   purls=()
   for k in $(seq 1 "$n"); do
-    start "scale$n-p$k" "" env "${env[@]}" "$B" processor --host 127.0.0.1 --port 0 --sink blackhole --stage "$STAGE_CPU"
+    start "scale$n-p$k" "" env "${env[@]}" "$B" processor --host 127.0.0.1 --port 0 --sink blackhole --stage "$STAGE_CPU" --workers "$SCALE_WORKERS"
     purls+=("$URL")
   done
   start "scale$n-i" "" env "${env[@]}" "$B" ingest --host 127.0.0.1 --port 0
@@ -135,11 +139,11 @@ for n in 1 2 3; do
   printf '%s\t%s\n' "$n" "$out/scale$n.json" >>"$scaling"
 done
 
-python3 - "$rows" "$scaling" "$DURATION" "$STAGE_CPU" >"$out/table.md" <<'PY'
+python3 - "$rows" "$scaling" "$DURATION" "$STAGE_CPU" "$SCALE_WORKERS" "$(nproc)" >"$out/table.md" <<'PY'
 import json, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 scaling = [l.rstrip("\n").split("\t") for l in open(sys.argv[2]) if l.strip()]
-duration, stage = sys.argv[3], sys.argv[4]
+duration, stage, workers, cpus = sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 def load(path): return json.load(open(path))
 def ms(us): return f"{us/1000:.2f}"
 ceil = {}
@@ -159,7 +163,7 @@ for label, path, idle, peak in rows:
     procs = f"{proc:,.0f}" if proc else "n/a"
     print(f"| {label} | {acc:,.0f} | {procs} | {ms(lat['p50'])} | {ms(lat['p99'])} | {idle} / {peak} | {ratio} |")
 print()
-print(f"Scaling on NATS with stage `{stage}` (processors, ingest, gateway, generator and nats-server unpinned on the same cores):")
+print(f"Scaling on NATS with stage `{stage}`, {workers} worker per processor (processors, ingest, gateway, generator and nats-server unpinned on the same {cpus} cores):")
 print()
 print("| processors | processed ev/s | vs 1 processor |")
 print("|---:|---:|---:|")

@@ -10,7 +10,6 @@
 //! holds was promised to clients, so workers keep going until it is empty (bounded by the drain
 //! timeout).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,13 +18,13 @@ use conveyor_api::{recorded, trace};
 
 use conveyor_core::stats::{PoolStats, ProcessorStats, ReplayReport};
 use conveyor_core::{Event, REPLAY_HEADER, now_ms};
-use conveyor_queue::{Consumer, Delivery, DeliveryHandle, Health, Queue, Settlement};
+use conveyor_queue::{Consumer, Delivery, Handle, Health, Queue, Settlement};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::dlq::{DeadLetter, DeadLetterQueue};
 use crate::pipeline::{Failed, Outcome, Pipeline};
-use crate::seen::SeenIds;
+use crate::seen::{Claim, SeenIds};
 use crate::sink::Sink;
 
 #[derive(Debug, Clone)]
@@ -82,10 +81,10 @@ pub struct Processor {
     dlq: Arc<dyn DeadLetterQueue>,
     config: ProcessorConfig,
     counters: Counters,
+    /// Ids some worker is processing right now, and ids written recently. A second delivery
+    /// of one in hand (a broker redelivered it while the first was still at work) waits; one
+    /// already written is acked without writing it again.
     seen: Mutex<SeenIds>,
-    /// Ids some worker is processing right now. A second delivery of one of them (a broker
-    /// redelivered it while the first was still at work) waits instead of being written twice.
-    working: Mutex<HashSet<Arc<str>>>,
     stop: watch::Sender<bool>,
     replays: AtomicU64,
 }
@@ -101,7 +100,6 @@ impl Processor {
         recorded::mark_processor();
         Arc::new(Processor {
             seen: Mutex::new(SeenIds::new(config.dedupe_window)),
-            working: Mutex::new(HashSet::new()),
             queue,
             pipeline,
             sink,
@@ -126,7 +124,7 @@ impl Processor {
                     .iter()
                     .map(|id| std::sync::Arc::<str>::from(id.as_str()))
                 {
-                    seen.insert(&id);
+                    seen.remember(&id);
                 }
                 tracing::info!(ids = ids.len(), "seen-id window seeded from the sink");
             }
@@ -171,6 +169,11 @@ impl Processor {
             workers.abort_all();
         }
         finished
+    }
+
+    /// Events written to the sink and acked since start.
+    pub fn processed(&self) -> u64 {
+        self.counters.processed.load(Ordering::Relaxed)
     }
 
     pub async fn stats(&self) -> ProcessorStats {
@@ -317,50 +320,43 @@ impl Processor {
         let mut duplicates = Vec::new();
         let mut busy = Vec::new();
         {
-            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            let mut working = self.working.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = self.seen();
             for delivery in batch {
-                if seen.contains(&delivery.event.id) {
-                    duplicates.push(delivery);
-                } else if !working.insert(Arc::clone(&delivery.event.id)) {
-                    busy.push(delivery);
-                } else {
-                    let (event, handle) = delivery.into_parts();
-                    events.push(event);
-                    handles.push(handle);
+                let (event, handle) = delivery.into_parts();
+                match seen.claim(&event.id) {
+                    Claim::Claimed => {
+                        events.push(event);
+                        handles.push(handle);
+                    }
+                    Claim::Written => duplicates.push(handle),
+                    Claim::Busy => busy.push(handle),
                 }
             }
         }
         // Another worker has this id in hand: ask again later, when it is written (then it is
         // acked as a duplicate) or failed (then it is processed).
-        for delivery in busy {
-            if let Err(error) = delivery.nack(self.config.backoff_initial).await {
-                tracing::warn!(%error, "nack of a delivery already in progress failed");
-            }
-        }
+        let wait = Settlement::Nack {
+            delay: self.config.backoff_initial,
+        };
+        settle_all(busy, wait).await;
         if !duplicates.is_empty() {
             self.counters
                 .duplicates
                 .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
-            for delivery in duplicates {
-                if let Err(error) = delivery.ack().await {
-                    tracing::warn!(%error, "ack of a duplicate delivery failed");
-                }
-            }
+            settle_all(duplicates, Settlement::Ack).await;
         }
-        if events.is_empty() {
-            return;
-        }
-        let claimed: Vec<Arc<str>> = events.iter().map(|e| Arc::clone(&e.id)).collect();
-        self.process_claimed(events, handles).await;
-        let mut working = self.working.lock().unwrap_or_else(|p| p.into_inner());
-        for id in &claimed {
-            working.remove(id);
+        if !events.is_empty() {
+            self.process_claimed(events, handles).await;
         }
     }
 
-    /// Runs the pipeline and the sink for events this worker claimed, and settles them.
-    async fn process_claimed(&self, events: Vec<Event>, handles: Vec<Box<dyn DeliveryHandle>>) {
+    fn seen(&self) -> std::sync::MutexGuard<'_, SeenIds> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the pipeline and the sink for events this worker claimed, ends the claims, and
+    /// settles the deliveries.
+    async fn process_claimed(&self, events: Vec<Event>, handles: Vec<Handle>) {
         let trace_start = trace::enabled().then(trace::now_ns);
         let keep_alive = self.queue.keep_alive_interval();
         let outcomes = while_keeping_alive(&handles, keep_alive, self.run_pipeline(events)).await;
@@ -405,17 +401,15 @@ impl Processor {
                 Ok(()) => {
                     record_written(&passed);
                     {
-                        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut seen = self.seen();
                         for event in &passed {
-                            seen.insert(&event.id);
+                            seen.finish(&event.id, true);
                         }
                     }
                     self.counters
                         .processed
                         .fetch_add(passed.len() as u64, Ordering::Relaxed);
-                    for handle in passed_handles {
-                        settle(handle, Settlement::Ack).await;
-                    }
+                    settle_all(passed_handles, Settlement::Ack).await;
                 }
                 Err(error) => {
                     recorded::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
@@ -439,6 +433,12 @@ impl Processor {
             }
         }
         if !failed.is_empty() {
+            {
+                let mut seen = self.seen();
+                for (failure, _) in &failed {
+                    seen.finish(&failure.event.id, false);
+                }
+            }
             self.fail(failed).await;
         }
     }
@@ -448,20 +448,24 @@ impl Processor {
             return self.pipeline.run_batch(events);
         }
         let pipeline = self.pipeline.clone();
-        let count = events.len();
+        let claimed: Vec<Arc<str>> = events.iter().map(|e| Arc::clone(&e.id)).collect();
         match tokio::task::spawn_blocking(move || pipeline.run_batch(events)).await {
             Ok(outcomes) => outcomes,
             // The batch's events went down with the panicking task; their handles, dropped
-            // unsettled below, send them back to the queue.
+            // unsettled by the caller, send them back to the queue, and their claims end here.
             Err(error) => {
-                tracing::error!(%error, events = count, "pipeline task failed");
+                tracing::error!(%error, events = claimed.len(), "pipeline task failed");
+                let mut seen = self.seen();
+                for id in &claimed {
+                    seen.finish(id, false);
+                }
                 Vec::new()
             }
         }
     }
 
     /// Retries with backoff, or dead-letters after the last attempt.
-    async fn fail(&self, failed: Vec<(Failed, Box<dyn DeliveryHandle>)>) {
+    async fn fail(&self, failed: Vec<(Failed, Handle)>) {
         let count = failed.len() as u64;
         self.counters.errors.fetch_add(count, Ordering::Relaxed);
         let mut dlq_full = 0u64;
@@ -519,7 +523,7 @@ impl Processor {
 /// Runs `work`, telling the queue every `interval` that `handles` are still being worked on, so
 /// a slow stage or sink does not get its deliveries redelivered to another processor.
 async fn while_keeping_alive<F: std::future::Future>(
-    handles: &[Box<dyn DeliveryHandle>],
+    handles: &[Handle],
     interval: Option<Duration>,
     work: F,
 ) -> F::Output {
@@ -558,9 +562,20 @@ fn record_written(events: &[Event]) {
     }
 }
 
-async fn settle(handle: Box<dyn DeliveryHandle>, settlement: Settlement) {
+async fn settle(handle: Handle, settlement: Settlement) {
     if let Err(error) = handle.settle(settlement).await {
         tracing::warn!(%error, ?settlement, "settling a delivery failed; it will be redelivered");
+    }
+}
+
+/// Settles a batch the same way (one queue call for a run of slot deliveries).
+async fn settle_all(handles: Vec<Handle>, settlement: Settlement) {
+    if handles.is_empty() {
+        return;
+    }
+    let errors = Handle::settle_all(handles, settlement).await;
+    if let Some(error) = errors.first() {
+        tracing::warn!(%error, failed = errors.len(), ?settlement, "settling deliveries failed; they will be redelivered");
     }
 }
 

@@ -65,10 +65,11 @@ impl DedupeWindow {
     }
 }
 
-/// Fingerprints are already uniformly distributed (keyed SipHash output): hashing them again
-/// for the set would only cost time, so the set uses their low 64 bits as they are.
+/// For sets and maps keyed by fingerprints: they are already uniformly distributed (keyed
+/// SipHash output), so hashing them again would only cost time; the low 64 bits are used as
+/// they are.
 #[derive(Default)]
-struct FingerprintHasher(u64);
+pub struct FingerprintHasher(u64);
 
 impl Hasher for FingerprintHasher {
     fn finish(&self) -> u64 {
@@ -83,5 +84,9 @@ impl Hasher for FingerprintHasher {
 
     fn write_u128(&mut self, value: u128) {
         self.0 = value as u64;
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
     }
 }

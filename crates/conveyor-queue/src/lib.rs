@@ -22,6 +22,7 @@ pub mod memory;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -108,7 +109,7 @@ pub trait Queue: Publisher {
     /// processor drains a non-durable queue to empty on shutdown, and leaves a durable one.
     fn durable(&self) -> bool;
 
-    /// How often a held delivery needs [`DeliveryHandle::keep_alive`] so the queue does not
+    /// How often a held delivery needs [`Handle::keep_alive`] so the queue does not
     /// redeliver it while it is still being worked on (NATS: a third of AckWait). `None`: never.
     fn keep_alive_interval(&self) -> Option<Duration> {
         None
@@ -137,7 +138,7 @@ pub enum Settlement {
     Term,
 }
 
-/// The backend's half of a delivery: how to settle it.
+/// The backend's half of a delivery that carries its own settling state (a broker message).
 #[async_trait]
 pub trait DeliveryHandle: Send + Sync {
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), QueueError>;
@@ -148,15 +149,133 @@ pub trait DeliveryHandle: Send + Sync {
     }
 }
 
+/// A backend that keeps its in-flight deliveries in a table of its own and hands out slot
+/// numbers instead of boxed handles: a delivery then costs no allocation, and a batch of
+/// settlements takes the table's lock once (the memory queue).
+pub trait SlotSettler: Send + Sync + 'static {
+    /// Settles each slot; `None` means its delivery was dropped unsettled (deliver it again).
+    /// A slot that is no longer held (settled before) is ignored.
+    fn settle_slots(&self, settlements: &[(u64, Option<Settlement>)]);
+}
+
+/// How a delivery is settled: [`settle`](Handle::settle), [`settle_all`](Handle::settle_all)
+/// or, dropped unsettled, redelivered.
+pub struct Handle(HandleKind);
+
+enum HandleKind {
+    Slot {
+        settler: Arc<dyn SlotSettler>,
+        slot: u64,
+    },
+    Boxed(Box<dyn DeliveryHandle>),
+    /// Settled already; dropping it does nothing.
+    Done,
+}
+
+impl Handle {
+    pub fn boxed(handle: Box<dyn DeliveryHandle>) -> Self {
+        Handle(HandleKind::Boxed(handle))
+    }
+
+    pub fn slot(settler: Arc<dyn SlotSettler>, slot: u64) -> Self {
+        Handle(HandleKind::Slot { settler, slot })
+    }
+
+    pub async fn settle(mut self, settlement: Settlement) -> Result<(), QueueError> {
+        match std::mem::replace(&mut self.0, HandleKind::Done) {
+            HandleKind::Slot { settler, slot } => {
+                settler.settle_slots(&[(slot, Some(settlement))]);
+                Ok(())
+            }
+            HandleKind::Boxed(handle) => handle.settle(settlement).await,
+            HandleKind::Done => Ok(()),
+        }
+    }
+
+    /// Settles every handle the same way. Runs of slot handles of one backend are settled
+    /// together (one lock per run of up to [`SETTLE_CHUNK`], no allocation); the errors of
+    /// handles that could not be settled (they will be redelivered) are returned.
+    pub async fn settle_all(
+        handles: impl IntoIterator<Item = Handle>,
+        settlement: Settlement,
+    ) -> Vec<QueueError> {
+        let mut errors = Vec::new();
+        let mut run: Option<Arc<dyn SlotSettler>> = None;
+        let mut slots = [(0u64, None); SETTLE_CHUNK];
+        let mut held = 0;
+        for mut handle in handles {
+            match std::mem::replace(&mut handle.0, HandleKind::Done) {
+                HandleKind::Slot { settler, slot } => {
+                    let same = run.as_ref().is_some_and(|r| Arc::ptr_eq(r, &settler));
+                    if held == SETTLE_CHUNK || (!same && held > 0) {
+                        if let Some(r) = &run {
+                            r.settle_slots(&slots[..held]);
+                        }
+                        held = 0;
+                    }
+                    if !same {
+                        run = Some(settler);
+                    }
+                    slots[held] = (slot, Some(settlement));
+                    held += 1;
+                }
+                HandleKind::Boxed(boxed) => {
+                    if let Err(error) = boxed.settle(settlement).await {
+                        errors.push(error);
+                    }
+                }
+                HandleKind::Done => {}
+            }
+        }
+        if let Some(r) = &run
+            && held > 0
+        {
+            r.settle_slots(&slots[..held]);
+        }
+        errors
+    }
+
+    /// "Still working on it": restarts the queue's redelivery timer (NATS `+WPI`).
+    pub async fn keep_alive(&self) -> Result<(), QueueError> {
+        match &self.0 {
+            HandleKind::Boxed(handle) => handle.keep_alive().await,
+            HandleKind::Slot { .. } | HandleKind::Done => Ok(()),
+        }
+    }
+}
+
+/// Most slot settlements [`Handle::settle_all`] passes to a backend in one call.
+pub const SETTLE_CHUNK: usize = 64;
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // A boxed handle's own Drop redelivers; a slot has to be told.
+        if let HandleKind::Slot { settler, slot } = &self.0 {
+            settler.settle_slots(&[(*slot, None)]);
+        }
+    }
+}
+
 /// One event handed to a consumer. `event.attempt` is its delivery count (1 the first time).
 pub struct Delivery {
     pub event: Event,
-    handle: Box<dyn DeliveryHandle>,
+    handle: Handle,
 }
 
 impl Delivery {
     pub fn new(event: Event, handle: Box<dyn DeliveryHandle>) -> Self {
-        Delivery { event, handle }
+        Delivery {
+            event,
+            handle: Handle::boxed(handle),
+        }
+    }
+
+    /// A delivery settled through its backend's slot table (see [`SlotSettler`]).
+    pub fn in_slot(event: Event, settler: Arc<dyn SlotSettler>, slot: u64) -> Self {
+        Delivery {
+            event,
+            handle: Handle::slot(settler, slot),
+        }
     }
 
     /// Done: never delivered again.
@@ -175,7 +294,7 @@ impl Delivery {
     }
 
     /// Splits the delivery so the event can be moved while the handle waits to settle it.
-    pub fn into_parts(self) -> (Event, Box<dyn DeliveryHandle>) {
+    pub fn into_parts(self) -> (Event, Handle) {
         (self.event, self.handle)
     }
 }

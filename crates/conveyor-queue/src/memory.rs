@@ -20,8 +20,8 @@ use tokio::time::Instant;
 
 use crate::dedupe::DedupeWindow;
 use crate::{
-    Consumer, Delivery, DeliveryHandle, Health, PublishError, Published, Publisher, Queue,
-    QueueError, Settlement,
+    Consumer, Delivery, Health, PublishError, Published, Publisher, Queue, QueueError, Settlement,
+    SlotSettler,
 };
 
 #[derive(Debug, Clone)]
@@ -85,7 +85,7 @@ impl Ord for Delayed {
 struct State {
     ready: VecDeque<Entry>,
     delayed: BinaryHeap<Reverse<Delayed>>,
-    in_flight: usize,
+    in_flight: Slots,
     closed: bool,
     dedupe: DedupeWindow,
     sequence: u64,
@@ -94,7 +94,7 @@ struct State {
 
 impl State {
     fn held(&self) -> usize {
-        self.ready.len() + self.delayed.len() + self.in_flight
+        self.ready.len() + self.delayed.len() + self.in_flight.len()
     }
 
     /// Moves delayed entries whose time has come to the ready queue.
@@ -110,6 +110,59 @@ impl State {
     }
 }
 
+/// The deliveries out with consumers, each in a numbered slot until it is settled. A
+/// delivery's handle is its slot number plus the slot's generation, so a settled slot can be
+/// reused without a late or repeated settlement touching its new occupant. Freed slots are
+/// reused: after warm-up, handing out and settling deliveries allocates nothing.
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    occupied: usize,
+}
+
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.occupied
+    }
+
+    fn insert(&mut self, entry: Entry) -> u64 {
+        self.occupied += 1;
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    entry: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.entry = Some(entry);
+        (u64::from(slot.generation) << 32) | u64::from(index)
+    }
+
+    /// The entry in `token`'s slot, if it is still the one the token was issued for.
+    fn remove(&mut self, token: u64) -> Option<Entry> {
+        let index = (token & u64::from(u32::MAX)) as usize;
+        let slot = self.slots.get_mut(index)?;
+        if u64::from(slot.generation) != token >> 32 {
+            return None;
+        }
+        let entry = slot.entry.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(index as u32);
+        self.occupied -= 1;
+        Some(entry)
+    }
+}
+
 impl MemoryQueue {
     pub fn new(config: MemoryQueueConfig) -> Self {
         let capacity = config.capacity.max(1);
@@ -118,7 +171,7 @@ impl MemoryQueue {
                 state: Mutex::new(State {
                     ready: VecDeque::with_capacity(capacity.min(1 << 16)),
                     delayed: BinaryHeap::new(),
-                    in_flight: 0,
+                    in_flight: Slots::default(),
                     closed: false,
                     dedupe: DedupeWindow::new(config.dedupe_window),
                     sequence: 0,
@@ -187,14 +240,9 @@ impl MemoryQueue {
             }
             let mut event = entry.event.clone();
             event.attempt = entry.deliveries;
-            state.in_flight += 1;
-            deliveries.push(Delivery::new(
-                event,
-                Box::new(MemoryDelivery {
-                    shared: Arc::clone(&self.shared),
-                    entry: Some(entry),
-                }),
-            ));
+            let slot = state.in_flight.insert(entry);
+            let settler: Arc<dyn SlotSettler> = self.shared.clone();
+            deliveries.push(Delivery::in_slot(event, settler, slot));
         }
         let next_due = state.delayed.peek().map(|Reverse(d)| d.due);
         (deliveries, next_due)
@@ -204,7 +252,7 @@ impl MemoryQueue {
         let state = self.shared.lock();
         QueueStats {
             size: (state.ready.len() + state.delayed.len()) as u64,
-            in_flight: state.in_flight as u64,
+            in_flight: state.in_flight.len() as u64,
             ..state.stats.clone()
         }
     }
@@ -287,61 +335,47 @@ impl Consumer for MemoryConsumer {
     }
 }
 
-struct MemoryDelivery {
-    shared: Arc<Shared>,
-    /// `None` once settled.
-    entry: Option<Entry>,
-}
-
-impl MemoryDelivery {
-    fn finish(&mut self, settlement: Option<Settlement>) {
-        let Some(entry) = self.entry.take() else {
-            return;
-        };
-        let mut state = self.shared.lock();
-        state.in_flight -= 1;
-        match settlement {
-            Some(Settlement::Ack) => state.stats.acked += 1,
-            Some(Settlement::Term) => state.stats.terminated += 1,
-            Some(Settlement::Nack { delay }) => {
-                state.stats.nacked += 1;
-                if delay.is_zero() {
-                    state.ready.push_back(entry);
-                } else {
-                    state.sequence += 1;
-                    let sequence = state.sequence;
-                    state.delayed.push(Reverse(Delayed {
-                        due: Instant::now() + delay,
-                        sequence,
-                        entry,
-                    }));
-                    // Fetchers sleeping until their deadline must learn of the earlier due time.
-                    drop(state);
-                    self.shared.ready.notify_waiters();
-                    return;
+impl SlotSettler for Shared {
+    fn settle_slots(&self, settlements: &[(u64, Option<Settlement>)]) {
+        let mut wake = false;
+        let mut state = self.lock();
+        let mut now = None;
+        for &(slot, settlement) in settlements {
+            let Some(entry) = state.in_flight.remove(slot) else {
+                continue;
+            };
+            match settlement {
+                Some(Settlement::Ack) => state.stats.acked += 1,
+                Some(Settlement::Term) => state.stats.terminated += 1,
+                Some(Settlement::Nack { delay }) => {
+                    state.stats.nacked += 1;
+                    wake = true;
+                    if delay.is_zero() {
+                        state.ready.push_back(entry);
+                    } else {
+                        // Fetchers sleeping until their deadline must learn of the earlier
+                        // due time, hence the wake-up for delayed entries too.
+                        state.sequence += 1;
+                        let sequence = state.sequence;
+                        let due = *now.get_or_insert_with(Instant::now) + delay;
+                        state.delayed.push(Reverse(Delayed {
+                            due,
+                            sequence,
+                            entry,
+                        }));
+                    }
+                }
+                // Dropped unsettled: its holder went away, so it goes first in line again.
+                None => {
+                    wake = true;
+                    state.ready.push_front(entry);
                 }
             }
-            // Dropped unsettled: its holder went away, so it goes first in line again.
-            None => state.ready.push_front(entry),
         }
         drop(state);
-        if !matches!(settlement, Some(Settlement::Ack | Settlement::Term)) {
-            self.shared.ready.notify_waiters();
+        if wake {
+            self.ready.notify_waiters();
         }
-    }
-}
-
-#[async_trait]
-impl DeliveryHandle for MemoryDelivery {
-    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), QueueError> {
-        self.finish(Some(settlement));
-        Ok(())
-    }
-}
-
-impl Drop for MemoryDelivery {
-    fn drop(&mut self) {
-        self.finish(None);
     }
 }
 
@@ -355,4 +389,32 @@ mod conformance_tests {
             dedupe_window: 10_000,
         })) as Box<dyn crate::Queue>
     });
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+    use crate::conformance::event;
+
+    #[test]
+    fn a_freed_slot_is_reused_and_an_old_token_for_it_is_ignored() {
+        let mut slots = Slots::default();
+        let first = slots.insert(Entry {
+            event: event("a"),
+            deliveries: 1,
+        });
+        assert!(slots.remove(first).is_some());
+        let second = slots.insert(Entry {
+            event: event("b"),
+            deliveries: 1,
+        });
+        assert_eq!(first as u32, second as u32, "same slot, reused");
+        assert!(slots.remove(first).is_none(), "the old token is stale");
+        assert_eq!(slots.len(), 1, "the new occupant is untouched");
+        assert_eq!(
+            slots.remove(second).map(|entry| entry.event.id),
+            Some("b".into())
+        );
+        assert_eq!(slots.len(), 0);
+    }
 }
