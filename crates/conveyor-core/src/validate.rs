@@ -31,12 +31,15 @@ impl Default for Limits {
 
 /// Checks a draft and gives it an id (the client's, or a new UUIDv7) and a timestamp.
 pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
-    let id = match draft.id {
+    let id: std::sync::Arc<str> = match draft.id {
         Some(id) => {
             check_id(&id, limits)?;
-            id
+            id.into()
         }
-        None => uuid::Uuid::now_v7().to_string(),
+        None => uuid::Uuid::now_v7()
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .into(),
     };
     if draft.source.trim().is_empty() {
         return Err(ApiError::field(
@@ -112,7 +115,7 @@ pub fn validate(draft: EventDraft, limits: &Limits) -> Result<Event, ApiError> {
         }
     }
     Ok(Event {
-        id: id.into(),
+        id,
         source: draft.source.into(),
         timestamp_ms: draft.timestamp_ms.unwrap_or_else(now_ms),
         payload: draft.payload,

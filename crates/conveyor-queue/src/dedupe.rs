@@ -90,3 +90,44 @@ impl Hasher for FingerprintHasher {
         self.0 = value;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::event;
+    use conveyor_core::REPLAY_HEADER;
+
+    #[test]
+    fn a_key_inside_the_window_is_a_duplicate_and_forgotten_beyond_it() {
+        let mut window = DedupeWindow::new(2);
+        assert!(window.insert(&event("a")));
+        assert!(!window.insert(&event("a")), "same id again");
+        assert!(window.insert(&event("b")));
+        assert!(window.insert(&event("c")), "evicts a");
+        assert!(window.insert(&event("a")), "a was forgotten");
+    }
+
+    #[test]
+    fn a_replay_is_a_different_key_and_a_failed_publish_can_be_retried() {
+        let mut window = DedupeWindow::new(10);
+        assert!(window.insert(&event("a")));
+        let mut replay = event("a");
+        replay
+            .headers
+            .insert(REPLAY_HEADER.to_owned(), "1700000000000-0".to_owned());
+        assert!(window.insert(&replay), "a replay is not the original");
+        assert!(!window.insert(&replay), "but the same replay twice is");
+        window.forget(&replay);
+        assert!(
+            window.insert(&replay),
+            "after a failed publish, a retry is not a duplicate"
+        );
+    }
+
+    #[test]
+    fn off_means_nothing_is_a_duplicate() {
+        let mut window = DedupeWindow::new(0);
+        assert!(window.insert(&event("a")));
+        assert!(window.insert(&event("a")));
+    }
+}
