@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use conveyor_api::{recorded, trace};
 use conveyor_core::stats::IngestStats;
-use conveyor_core::{ApiError, ErrorCode, Event, EventDraft, Limits, TRACEPARENT, validate};
+use conveyor_core::{
+    ApiError, BatchContext, ErrorCode, Event, EventDraft, Limits, TRACEPARENT, validate_in,
+};
 use conveyor_queue::{Health, PublishError, Publisher};
 
 pub use coalesce::{CoalescingIntake, CoalescingPublisher};
@@ -96,8 +98,9 @@ impl Intake for Ingest {
         // Positions in `results` that wait for the queue's answer, in publish order.
         let mut pending = Vec::with_capacity(drafts.len());
         let mut payload_sizes = recorded::PAYLOAD_SIZE.local();
+        let mut batch = BatchContext::default();
         for draft in drafts {
-            match validate(draft, &self.limits) {
+            match validate_in(draft, &self.limits, &mut batch) {
                 Ok(event) => {
                     payload_sizes.record(event.payload.len() as u64);
                     pending.push(results.len());

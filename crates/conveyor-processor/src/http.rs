@@ -13,7 +13,9 @@ use conveyor_api::body::{BodyFormat, content_format, read_limited};
 use conveyor_api::recorded::{self, Door};
 use conveyor_api::{HttpError, Readiness};
 use conveyor_core::stats::DeadLetterView;
-use conveyor_core::{ApiError, ErrorCode, EventDraft, Limits, body, validate};
+use conveyor_core::{
+    ApiError, BatchContext, ErrorCode, EventDraft, Limits, body, validate, validate_in,
+};
 use conveyor_proto::v1;
 use conveyor_queue::{Health, PublishError};
 use prost::Message;
@@ -93,6 +95,7 @@ async fn enqueue_inner(
     let mut results: Vec<v1::EventResult> = Vec::with_capacity(batch.events.len());
     let mut valid = Vec::with_capacity(batch.events.len());
     let mut slots = Vec::with_capacity(batch.events.len());
+    let mut shared = BatchContext::default();
     for (index, wire) in batch.events.into_iter().enumerate() {
         let event = conveyor_proto::event_from_wire(wire);
         let draft = EventDraft {
@@ -109,7 +112,7 @@ async fn enqueue_inner(
             index: index as u32,
             ..Default::default()
         };
-        match validate(draft, &state.limits) {
+        match validate_in(draft, &state.limits, &mut shared) {
             Ok(event) => {
                 result.message_id = event.id.to_string();
                 slots.push(index);
