@@ -6,7 +6,7 @@
 use std::alloc::System;
 use std::hint::black_box;
 
-use conveyor_core::{Limits, body, validate};
+use conveyor_core::{BatchContext, Limits, body, validate, validate_in};
 use criterion::{Criterion, Throughput, criterion_group};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
@@ -30,9 +30,11 @@ fn decode_single(limits: &Limits) {
     black_box(validate(draft, limits).expect("valid"));
 }
 
+/// As ingest does it: one [`BatchContext`] per request.
 fn decode_batch(bytes: &[u8], limits: &Limits) {
+    let mut shared = BatchContext::default();
     for draft in body::parse_batch(black_box(bytes), true, 10_000).expect("splits") {
-        black_box(validate(draft.expect("valid"), limits).expect("valid"));
+        black_box(validate_in(draft.expect("valid"), limits, &mut shared).expect("valid"));
     }
 }
 
