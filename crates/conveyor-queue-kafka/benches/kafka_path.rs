@@ -3,9 +3,9 @@
 //! comparable across runs).
 //!
 //! - **raw rdkafka**: a `FutureProducer` with the same settings conveyor uses (idempotent,
-//!   `acks=all`, `linger.ms=1`), driven the same way: `TASKS` tasks each sending `BATCH`
-//!   records then awaiting their delivery reports, each record carrying the same key, header
-//!   and encoded bytes conveyor sends.
+//!   `acks=all`, `linger.ms=1`), driven the same way: `TASKS` tasks each building a batch of
+//!   `BATCH` events, sending them, then awaiting their delivery reports, each record carrying
+//!   the same key, header and encoded bytes conveyor sends.
 //! - **conveyor KafkaQueue**: `Publisher::publish` in batches of `BATCH` from `TASKS` concurrent
 //!   tasks, as ingest calls it for HTTP batches and gRPC streams (encode, dedupe window, lag
 //!   bound, delivery-report wait included).
@@ -25,6 +25,10 @@ use prost::Message as _;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// The allocator the `conveyor` binary ships with, for both sides.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const WINDOW: usize = 8192;
 const BATCH: usize = 256;
@@ -87,9 +91,10 @@ async fn raw_publish(brokers: &str, events: usize, round: usize) -> f64 {
                     if from >= events {
                         break;
                     }
+                    // Built before sending, as conveyor's side (and ingest) has its batch.
+                    let batch: Vec<_> = (from..(from + BATCH).min(events)).map(event).collect();
                     let mut reports = Vec::with_capacity(BATCH);
-                    for i in from..(from + BATCH).min(events) {
-                        let event = event(i);
+                    for event in batch {
                         let payload = conveyor_proto::event_to_wire(event.clone()).encode_to_vec();
                         let headers = OwnedHeaders::new().insert(Header {
                             key: "conveyor-encoding",
