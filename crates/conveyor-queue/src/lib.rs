@@ -220,6 +220,14 @@ impl Handle {
                     held += 1;
                 }
                 HandleKind::Boxed(boxed) => {
+                    // Nothing may wait unsettled across an await: if this future is dropped
+                    // there, the slots taken so far would be neither settled nor redelivered.
+                    if let Some(r) = &run
+                        && held > 0
+                    {
+                        r.settle_slots(&slots[..held]);
+                        held = 0;
+                    }
                     if let Err(error) = boxed.settle(settlement).await {
                         errors.push(error);
                     }

@@ -417,4 +417,32 @@ mod slot_tests {
         );
         assert_eq!(slots.len(), 0);
     }
+
+    #[tokio::test]
+    async fn a_batch_settled_together_is_acked_or_redelivered_as_one() {
+        let queue = MemoryQueue::new(MemoryQueueConfig {
+            capacity: 1000,
+            dedupe_window: 0,
+        });
+        queue.try_publish((0..150).map(|i| event(&format!("e{i}"))).collect());
+        let handles = queue
+            .try_fetch(150)
+            .into_iter()
+            .map(|delivery| delivery.into_parts().1);
+        // 150 slots: more than one chunk of SETTLE_CHUNK.
+        let errors = crate::Handle::settle_all(handles, Settlement::Ack).await;
+        assert!(errors.is_empty());
+        let stats = queue.snapshot();
+        assert_eq!((stats.acked, stats.in_flight, stats.size), (150, 0, 0));
+
+        queue.try_publish(vec![event("again")]);
+        let handles = queue.try_fetch(1).into_iter().map(|d| d.into_parts().1);
+        let retry = Settlement::Nack {
+            delay: Duration::ZERO,
+        };
+        crate::Handle::settle_all(handles, retry).await;
+        let redelivered = queue.try_fetch(1);
+        assert_eq!(redelivered.len(), 1, "a nacked batch is delivered again");
+        assert_eq!(redelivered[0].event.attempt, 2);
+    }
 }
