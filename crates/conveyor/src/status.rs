@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use conveyor_load::report::thousands;
 use serde_json::Value;
 
 use crate::cli::StatusArgs;
@@ -63,21 +64,9 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 fn num(value: &Value) -> String {
     match value.as_u64() {
-        Some(n) => group_thousands(n),
+        Some(n) => thousands(n),
         None => "-".into(),
     }
-}
-
-fn group_thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Rows of cells as left-aligned columns (numbers right-aligned).
@@ -147,7 +136,7 @@ pub fn table(gateway: &str, status: &Value) -> String {
     let lag = queue["size"].as_u64().unwrap_or(0) + queue["in_flight"].as_u64().unwrap_or(0);
     let capacity = match queue["capacity"].as_u64() {
         Some(0) | None => "broker".to_owned(),
-        Some(n) => group_thousands(n),
+        Some(n) => thousands(n),
     };
     out.push('\n');
     rows = vec![
@@ -164,7 +153,7 @@ pub fn table(gateway: &str, status: &Value) -> String {
             queue["backend"].as_str().unwrap_or("-").to_owned(),
             num(&queue["size"]),
             num(&queue["in_flight"]),
-            group_thousands(lag),
+            thousands(lag),
             capacity,
             format!("{}/{}", num(&pool["active"]), num(&pool["workers"])),
             num(&processor["dlq_size"]),
@@ -209,8 +198,8 @@ mod tests {
 
     #[test]
     fn numbers_are_grouped_and_columns_line_up() {
-        assert_eq!(group_thousands(0), "0");
-        assert_eq!(group_thousands(1234567), "1,234,567");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(1234567), "1,234,567");
         let text = columns(&[
             vec!["A".into(), "NAME".into()],
             vec!["1,000".into(), "x".into()],
