@@ -15,12 +15,11 @@
 //! `DEDUPE_WINDOW=N` to change conveyor's publish-side dedupe window, 0 to turn it off).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use conveyor_queue::Publisher;
 use conveyor_queue_kafka::{KafkaConfig, KafkaQueue};
-use conveyor_testkit::KafkaBroker;
+use conveyor_testkit::{KafkaBroker, publish_rate};
 use prost::Message as _;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -78,52 +77,37 @@ async fn raw_publish(brokers: &str, events: usize, round: usize) -> f64 {
         .expect("enqueue");
     warm_up.await.expect("report").expect("delivered");
     let producer = Arc::new(producer);
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    // The same shape of work as conveyor's side: TASKS tasks, each sending a batch of BATCH
-    // records and then awaiting their delivery reports, so the difference is conveyor's layer.
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let producer = Arc::clone(&producer);
-            let next = Arc::clone(&next);
-            let topic = topic("raw", round);
-            tokio::spawn(async move {
-                loop {
-                    let from = next.fetch_add(BATCH, Ordering::Relaxed);
-                    if from >= events {
-                        break;
-                    }
-                    // Built before sending, as conveyor's side (and ingest) has its batch.
-                    let batch: Vec<_> = (from..(from + BATCH).min(events)).map(event).collect();
-                    let mut reports = Vec::with_capacity(BATCH);
-                    for event in batch {
-                        let payload = conveyor_proto::event_to_wire(event.clone()).encode_to_vec();
-                        let headers = OwnedHeaders::new().insert(Header {
-                            key: "conveyor-encoding",
-                            value: Some("proto"),
-                        });
-                        let record = FutureRecord::to(&topic)
-                            .key(event.source.as_bytes())
-                            .payload(&payload)
-                            .headers(headers);
-                        reports.push(
-                            producer
-                                .send_result(record)
-                                .map_err(|(e, _)| e)
-                                .expect("enqueue"),
-                        );
-                    }
-                    for report in reports {
-                        report.await.expect("report").expect("delivered");
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("task");
-    }
-    events as f64 / started.elapsed().as_secs_f64()
+    let topic = Arc::new(topic("raw", round));
+    // The same shape of work as conveyor's side: each batch built first (as ingest has it),
+    // sent, then its delivery reports awaited, so the difference is conveyor's layer.
+    publish_rate(events, TASKS, BATCH, move |range| {
+        let (producer, topic) = (Arc::clone(&producer), Arc::clone(&topic));
+        async move {
+            let batch: Vec<_> = range.map(event).collect();
+            let mut reports = Vec::with_capacity(batch.len());
+            for event in batch {
+                let payload = conveyor_proto::event_to_wire(event.clone()).encode_to_vec();
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: "conveyor-encoding",
+                    value: Some("proto"),
+                });
+                let record = FutureRecord::to(topic.as_str())
+                    .key(event.source.as_bytes())
+                    .payload(&payload)
+                    .headers(headers);
+                reports.push(
+                    producer
+                        .send_result(record)
+                        .map_err(|(e, _)| e)
+                        .expect("enqueue"),
+                );
+            }
+            for report in reports {
+                report.await.expect("report").expect("delivered");
+            }
+        }
+    })
+    .await
 }
 
 async fn conveyor_publish(brokers: &str, events: usize, round: usize) -> f64 {
@@ -144,30 +128,15 @@ async fn conveyor_publish(brokers: &str, events: usize, round: usize) -> f64 {
         result.expect("warm-up publish");
     }
     let queue = Arc::new(queue);
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let queue = Arc::clone(&queue);
-            let next = Arc::clone(&next);
-            tokio::spawn(async move {
-                loop {
-                    let from = next.fetch_add(BATCH, Ordering::Relaxed);
-                    if from >= events {
-                        break;
-                    }
-                    let batch: Vec<_> = (from..(from + BATCH).min(events)).map(event).collect();
-                    for result in queue.publish(batch).await {
-                        result.expect("conveyor publish");
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("task");
-    }
-    events as f64 / started.elapsed().as_secs_f64()
+    publish_rate(events, TASKS, BATCH, move |range| {
+        let queue = Arc::clone(&queue);
+        async move {
+            for result in queue.publish(range.map(event).collect()).await {
+                result.expect("conveyor publish");
+            }
+        }
+    })
+    .await
 }
 
 fn main() {

@@ -14,13 +14,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use conveyor_queue::Publisher;
 use conveyor_queue_nats::{NatsConfig, NatsQueue};
-use conveyor_testkit::NatsServer;
+use conveyor_testkit::{NatsServer, publish_rate};
 
 const WINDOW: usize = 4096;
 const BATCH: usize = 256;
@@ -87,30 +86,15 @@ async fn conveyor_publish(url: &str, events: usize, round: usize) -> f64 {
     .await
     .expect("connect");
     let queue = Arc::new(queue);
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let queue = Arc::clone(&queue);
-            let next = Arc::clone(&next);
-            tokio::spawn(async move {
-                loop {
-                    let from = next.fetch_add(BATCH, Ordering::Relaxed);
-                    if from >= events {
-                        break;
-                    }
-                    let batch: Vec<_> = (from..(from + BATCH).min(events)).map(event).collect();
-                    for result in queue.publish(batch).await {
-                        result.expect("conveyor publish");
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("task");
-    }
-    events as f64 / started.elapsed().as_secs_f64()
+    publish_rate(events, TASKS, BATCH, move |range| {
+        let queue = Arc::clone(&queue);
+        async move {
+            for result in queue.publish(range.map(event).collect()).await {
+                result.expect("conveyor publish");
+            }
+        }
+    })
+    .await
 }
 
 fn main() {

@@ -6,9 +6,13 @@
 //! that cannot find the binary fails with a message saying how to get it: there is no silent
 //! skip.
 
+use std::future::Future;
 use std::net::{TcpListener, TcpStream};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it next).
@@ -201,4 +205,36 @@ pub fn find_nats_server() -> PathBuf {
                  `apt-get install nats-server` (Debian), or run `make test`, which installs it."
             )
         })
+}
+
+/// The driver of the publish-path benches, the same for a raw client and for conveyor's
+/// publisher so that only the layer under test differs: `tasks` concurrent tasks each take the
+/// next `batch` indices of `0..events` and hand the range to `send`, which builds that batch,
+/// publishes it and waits for its confirmations. Returns events per second.
+pub async fn publish_rate<F, Fut>(events: usize, tasks: usize, batch: usize, send: F) -> f64
+where
+    F: Fn(Range<usize>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let running: Vec<_> = (0..tasks)
+        .map(|_| {
+            let next = Arc::clone(&next);
+            let send = send.clone();
+            tokio::spawn(async move {
+                loop {
+                    let from = next.fetch_add(batch, Ordering::Relaxed);
+                    if from >= events {
+                        break;
+                    }
+                    send(from..(from + batch).min(events)).await;
+                }
+            })
+        })
+        .collect();
+    for task in running {
+        task.await.expect("a publishing task panicked");
+    }
+    events as f64 / started.elapsed().as_secs_f64()
 }
