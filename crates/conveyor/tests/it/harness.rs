@@ -329,12 +329,24 @@ pub struct Split {
 /// Starts processor (with `processor_args`), then ingest pointed at it, then the gateway
 /// pointed at both.
 pub async fn spawn_split(processor_args: &[&str]) -> Split {
-    let processor = Spawn::new("processor").args(processor_args).start().await;
-    let ingest = Spawn::new("ingest")
+    spawn_split_with(|role, spawn| match role {
+        "processor" => spawn.args(processor_args),
+        _ => spawn,
+    })
+    .await
+}
+
+/// [`spawn_split`] with each role's process configured by `configure(role, spawn)` first
+/// (`role`: "processor", "ingest" or "gateway").
+pub async fn spawn_split_with(configure: impl Fn(&str, Spawn) -> Spawn) -> Split {
+    let processor = configure("processor", Spawn::new("processor"))
+        .start()
+        .await;
+    let ingest = configure("ingest", Spawn::new("ingest"))
         .args(["--processor-url", processor.base_url()])
         .start()
         .await;
-    let gateway = Spawn::new("gateway")
+    let gateway = configure("gateway", Spawn::new("gateway"))
         .args([
             "--ingest-url",
             ingest.base_url(),

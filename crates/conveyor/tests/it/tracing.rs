@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::harness::{Conveyor, Spawn, accepted_id, eventually};
+use crate::harness::{Conveyor, Spawn, Split, accepted_id, eventually, spawn_split_with};
 
 /// One span as the collector received it.
 #[derive(Debug, Clone)]
@@ -251,22 +251,17 @@ async fn split_mode_over_kafka_carries_one_trace_through_the_broker() {
 async fn split_mode_trace(queue: impl Fn(Spawn) -> Spawn) {
     let collector = Collector::start().await;
     let otlp = ["--otlp-endpoint", collector.url.as_str()];
-    let processor = queue(Spawn::new("processor")).args(otlp).start().await;
-    let ingest = queue(Spawn::new("ingest"))
-        .args(["--processor-url", processor.base_url()])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.url)
-        .start()
-        .await;
-    let gateway = Spawn::new("gateway")
-        .args([
-            "--ingest-url",
-            ingest.base_url(),
-            "--processor-url",
-            processor.base_url(),
-        ])
-        .args(otlp)
-        .start()
-        .await;
+    // Ingest gets the collector through the environment, the others through the flag.
+    let Split {
+        processor,
+        ingest: _ingest,
+        gateway,
+    } = spawn_split_with(|role, spawn| match role {
+        "processor" => queue(spawn).args(otlp),
+        "ingest" => queue(spawn).env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.url),
+        _ => spawn.args(otlp),
+    })
+    .await;
     let services = ["conveyor-gateway", "conveyor-ingest", "conveyor-processor"];
 
     // The caller's trace: the gateway's span is the child of the caller's span.
