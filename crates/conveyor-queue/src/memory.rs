@@ -117,8 +117,8 @@ impl State {
 #[derive(Default)]
 struct Slots {
     slots: Vec<Slot>,
+    /// Indexes of the empty slots.
     free: Vec<u32>,
-    occupied: usize,
 }
 
 struct Slot {
@@ -128,11 +128,10 @@ struct Slot {
 
 impl Slots {
     fn len(&self) -> usize {
-        self.occupied
+        self.slots.len() - self.free.len()
     }
 
     fn insert(&mut self, entry: Entry) -> u64 {
-        self.occupied += 1;
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
@@ -158,7 +157,6 @@ impl Slots {
         let entry = slot.entry.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(index as u32);
-        self.occupied -= 1;
         Some(entry)
     }
 }
