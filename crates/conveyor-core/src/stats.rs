@@ -31,6 +31,21 @@ pub struct QueueStats {
     /// Composite: how each backend took the publishes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendStats>,
+    /// Kafka: this process's consumer-group member, once it joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupMemberStats>,
+}
+
+/// A Kafka consumer-group member as it sees itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMemberStats {
+    /// Partitions of the events topic assigned to this member now.
+    pub assigned: Vec<i32>,
+    /// The member holds fewer partitions than the topic has, and the others have lag that
+    /// nobody consumed for twice the session timeout: the group left partitions unconsumed.
+    pub stalled: bool,
+    /// Stalls detected since start; each is followed by a rejoin with a fresh member.
+    pub stalls: u64,
 }
 
 /// One Kafka partition as the consumer group sees it.

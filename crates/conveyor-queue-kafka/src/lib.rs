@@ -31,11 +31,14 @@
 
 mod config;
 mod dlq;
+mod mock;
 mod queue;
+mod stall;
 pub mod watermark;
 
 pub use config::{KafkaConfig, PartitionKey, parse_overrides};
 pub use dlq::KafkaDeadLetters;
+pub use mock::MockKafka;
 pub use queue::{KafkaQueue, check_settings};
 
 #[cfg(test)]

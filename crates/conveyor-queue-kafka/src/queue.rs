@@ -2,14 +2,14 @@
 //! process whose commits follow the processed watermark.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::stats::{PartitionStats, QueueStats};
+use conveyor_core::stats::{GroupMemberStats, PartitionStats, QueueStats};
 use conveyor_core::{ContentType, Event};
 use conveyor_proto::v1;
 use conveyor_queue::dedupe::DedupeWindow;
@@ -32,6 +32,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::config::{KafkaConfig, PartitionKey};
+use crate::stall::{Observed, StallWatch, Stuck, Verdict};
 use crate::watermark::Watermark;
 
 /// Header marking a record as a protobuf `conveyor.v1.Event`.
@@ -77,6 +78,8 @@ struct Counters {
     redelivered: AtomicU64,
     /// Settlements that arrived after their partition was revoked (the new owner redelivers).
     stale: AtomicU64,
+    /// Times the group was found stalled and this member rejoined it ([`crate::stall`]).
+    stalls: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -640,11 +643,17 @@ impl Publisher for KafkaQueue {
 
     async fn health(&self) -> Health {
         if self.inner.closed.load(Ordering::Acquire) {
-            Health::Unhealthy("closed for publishing (shutting down)".into())
-        } else if let Some(reason) = self.unhealthy() {
-            Health::Unhealthy(reason)
-        } else {
-            Health::Healthy
+            return Health::Unhealthy("closed for publishing (shutting down)".into());
+        }
+        if let Some(reason) = self.unhealthy() {
+            return Health::Unhealthy(reason);
+        }
+        // A stalled group is this processor's problem to report (its `/ready`); publishing
+        // still works, which is why `publish` looks at the broker view only.
+        let member = self.inner.member.lock().await.clone();
+        match member.and_then(|m| m.stalled()) {
+            Some(reason) => Health::Unhealthy(reason),
+            None => Health::Healthy,
         }
     }
 }
@@ -672,7 +681,7 @@ impl Queue for KafkaQueue {
         // scrape does not cost the broker a round of metadata and offset requests.
         let view = lock(&self.inner.view).clone();
         let member = self.inner.member.lock().await.clone();
-        let local = member.map(|m| m.positions()).unwrap_or_default();
+        let local = member.as_ref().map(|m| m.positions()).unwrap_or_default();
         let mut partitions = Vec::with_capacity(view.partitions.len());
         let (mut unfinished, mut held) = (0u64, 0u64);
         for offsets in &view.partitions {
@@ -714,6 +723,15 @@ impl Queue for KafkaQueue {
             redelivered: counters.redelivered.load(Ordering::Relaxed),
             partitions,
             backends: Vec::new(),
+            group: member.map(|m| {
+                let mut assigned: Vec<i32> = local.keys().copied().collect();
+                assigned.sort_unstable();
+                GroupMemberStats {
+                    assigned,
+                    stalled: m.stalled().is_some(),
+                    stalls: counters.stalls.load(Ordering::Relaxed),
+                }
+            }),
         }
     }
 
@@ -761,6 +779,8 @@ struct Member {
     topic: String,
     max_held: usize,
     stop: watch::Sender<bool>,
+    /// Why the group is stalled ([`crate::stall`]), while it is.
+    stalled: Mutex<Option<String>>,
 }
 
 /// What the member's tasks, its rebalance callbacks and its deliveries share.
@@ -985,8 +1005,14 @@ impl Member {
             topic,
             max_held: inner.config.max_held.max(1),
             stop,
+            stalled: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&member).receive(stopped.clone()));
+        tokio::spawn(Arc::clone(&member).watch_group(
+            Arc::downgrade(inner),
+            StallWatch::new(inner.config.session_timeout * 2),
+            stopped.clone(),
+        ));
         tokio::spawn(
             Arc::clone(&member).commit_periodically(inner.config.commit_interval, stopped),
         );
@@ -1061,6 +1087,85 @@ impl Member {
                 tracing::warn!(%error, "offset commit failed; retried with the next progress");
             }
         }
+    }
+
+    /// Watches for partitions the group leaves unconsumed ([`crate::stall`]): says so (log,
+    /// counter, stats, health) and rejoins the group with a fresh member id, which makes the
+    /// coordinator compute the assignment again from the members it knows are alive.
+    async fn watch_group(
+        self: Arc<Self>,
+        queue: Weak<Inner>,
+        mut watch: StallWatch,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(REFRESH_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let Some(inner) = queue.upgrade() else {
+                return;
+            };
+            let observed: Vec<Observed> = {
+                let view = lock(&inner.view);
+                if view.unhealthy.is_some() {
+                    // Nobody's commits move while the broker is away: not the group's fault.
+                    continue;
+                }
+                view.partitions
+                    .iter()
+                    .map(|p| Observed {
+                        partition: p.partition,
+                        resume_at: p.resume_at(),
+                        lag: (p.high - p.resume_at()).max(0) as u64,
+                    })
+                    .collect()
+            };
+            let owned: HashSet<i32> = lock(&self.shared.state).owned.keys().copied().collect();
+            match watch.observe(Instant::now(), &observed, &owned) {
+                Verdict::Fine => {
+                    if lock(&self.stalled).take().is_some() {
+                        tracing::info!(
+                            "consumer group no longer stalled: the partitions are consumed again"
+                        );
+                    }
+                }
+                Verdict::Stalled(stuck) => {
+                    *lock(&self.stalled) = Some(stall_reason(&stuck, watch.window()));
+                }
+                Verdict::Rejoin(stuck) => {
+                    let reason = stall_reason(&stuck, watch.window());
+                    inner.counters.stalls.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        owned = owned.len(),
+                        partitions = observed.len(),
+                        "{reason}; rejoining the group"
+                    );
+                    *lock(&self.stalled) = Some(reason);
+                    drop(inner);
+                    let member = Arc::clone(&self);
+                    let rejoined = blocking(move || member.rejoin()).await;
+                    if let Err(error) = rejoined {
+                        tracing::warn!(%error, "rejoining the consumer group failed; retried after the next window");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leaves the group and joins it again: librdkafka drops its member id on leaving, so the
+    /// coordinator sees a new member and rebalances. What was done is committed on the revoke.
+    fn rejoin(&self) -> Result<(), String> {
+        self.consumer.unsubscribe();
+        self.consumer
+            .subscribe(&[&self.topic])
+            .map_err(|e| format!("cannot subscribe to topic '{}' again: {e}", self.topic))
+    }
+
+    fn stalled(&self) -> Option<String> {
+        lock(&self.stalled).clone()
     }
 
     fn positions(&self) -> HashMap<i32, LocalPosition> {
@@ -1240,6 +1345,20 @@ impl Drop for KafkaDelivery {
     fn drop(&mut self) {
         self.finish(None);
     }
+}
+
+/// Names the stuck partitions, their lag and the window, for the log, `/ready` and `/stats`.
+fn stall_reason(stuck: &[Stuck], window: Duration) -> String {
+    let partitions: Vec<String> = stuck
+        .iter()
+        .map(|s| format!("{} (lag {})", s.partition, s.lag))
+        .collect();
+    format!(
+        "consumer group stalled: partitions {} have lag and no member committed on them for {}s \
+         (twice the session timeout)",
+        partitions.join(", "),
+        window.as_secs()
+    )
 }
 
 /// Reads a record as an event: ours (protobuf) or a plain Kafka producer's (raw payload).

@@ -13,37 +13,7 @@ use conveyor_queue::conformance::{Guarded, event, fetch_n};
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig, Publisher, Queue};
 use conveyor_testkit::KafkaBroker;
 
-use crate::{KafkaConfig, KafkaDeadLetters, KafkaQueue};
-
-/// An in-process mock Kafka cluster, owned by a thread of its own (its handle cannot move
-/// between threads); dropped, with its topics, when the guard is.
-struct MockKafka {
-    bootstrap: String,
-    _stop: std::sync::mpsc::Sender<()>,
-}
-
-impl MockKafka {
-    fn start(topics: &[(&str, i32)]) -> MockKafka {
-        let topics: Vec<(String, i32)> = topics.iter().map(|(t, p)| (t.to_string(), *p)).collect();
-        let (ready, bootstrap) = std::sync::mpsc::channel();
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-            for (topic, partitions) in &topics {
-                cluster
-                    .create_topic(topic, *partitions, 1)
-                    .expect("mock topic");
-            }
-            ready.send(cluster.bootstrap_servers()).expect("report");
-            // Blocks until the guard (the sender) is dropped.
-            let _ = stopped.recv();
-        });
-        MockKafka {
-            bootstrap: bootstrap.recv().expect("mock cluster started"),
-            _stop: stop,
-        }
-    }
-}
+use crate::{KafkaConfig, KafkaDeadLetters, KafkaQueue, MockKafka};
 
 static TOPICS: AtomicUsize = AtomicUsize::new(0);
 
@@ -69,7 +39,7 @@ async fn on_mock(capacity: usize) -> (KafkaQueue, MockKafka) {
     let probe = test_config(String::new(), capacity);
     let mock = MockKafka::start(&[(&probe.topic, 3), (&probe.dlq_topic, 1)]);
     let config = KafkaConfig {
-        brokers: mock.bootstrap.clone(),
+        brokers: mock.bootstrap().to_owned(),
         ..probe
     };
     let queue = KafkaQueue::connect(config)

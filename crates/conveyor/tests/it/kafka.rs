@@ -2,9 +2,11 @@
 //! broker: each test starts its own tansu broker on a random port (conveyor-testkit) and
 //! counts, over the sink(s), the accepted ids that were lost and the ids written twice.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
+use conveyor_queue_kafka::MockKafka;
 use conveyor_testkit::{KafkaBroker, NatsServer, free_port};
 use serde_json::json;
 
@@ -16,16 +18,16 @@ use crate::harness::{Conveyor, Spawn, eventually, read_sink_file};
 
 /// Kafka settings every test uses: its own broker, and a short session timeout so the group
 /// gives a killed processor's partitions to its successor within seconds.
-fn kafka_env(spawn: Spawn, broker: &KafkaBroker) -> Spawn {
+fn kafka_env(spawn: Spawn, bootstrap: &str) -> Spawn {
     spawn
         .env("QUEUE_TYPE", "kafka")
-        .env("KAFKA_BROKERS", &broker.bootstrap())
+        .env("KAFKA_BROKERS", bootstrap)
         .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("KAFKA_PARTITIONS", "3")
 }
 
-async fn processor_at(broker: &KafkaBroker, port: u16, sink: &Path, extra: &[&str]) -> Conveyor {
-    kafka_env(Spawn::new("processor"), broker)
+async fn processor_at(bootstrap: &str, port: u16, sink: &Path, extra: &[&str]) -> Conveyor {
+    kafka_env(Spawn::new("processor"), bootstrap)
         .without_listen_flags()
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(extra)
@@ -80,11 +82,11 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = dir.path().join("out.ndjson");
     let port = free_port();
-    let mut processor = processor_at(&broker, port, &sink, &[]).await;
+    let mut processor = processor_at(&broker.bootstrap(), port, &sink, &[]).await;
     // One record per batch: tansu answers a fetch from inside a stored batch with the next
     // batch, so a processor resuming mid-batch after a kill would never see the rest of it
     // (a broker bug; Apache Kafka returns the batch and the client skips to the offset).
-    let ingest = kafka_env(Spawn::new("ingest"), &broker)
+    let ingest = kafka_env(Spawn::new("ingest"), &broker.bootstrap())
         .env("KAFKA_PRODUCER_CONFIG", "batch.num.messages=1")
         .start()
         .await;
@@ -112,7 +114,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
         processor.sigkill();
         let _ = processor.wait_exit(Duration::from_secs(10)).await;
         kills += 1;
-        processor = processor_at(&broker, port, &sink, &[]).await;
+        processor = processor_at(&broker.bootstrap(), port, &sink, &[]).await;
         if kills >= 10 {
             break;
         }
@@ -136,7 +138,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_mode_on_kafka_dead_letters_a_poison_event_and_replays_it() {
     let broker = KafkaBroker::start();
-    let conveyor = kafka_env(Spawn::new("run"), &broker)
+    let conveyor = kafka_env(Spawn::new("run"), &broker.bootstrap())
         .args(POISON_ARGS)
         .start()
         .await;
@@ -189,7 +191,7 @@ async fn composite_ingest(strategy: &str) -> CompositeSetup {
 }
 
 fn composite_env(spawn: Spawn, nats: &NatsServer, kafka: &KafkaBroker, strategy: &str) -> Spawn {
-    kafka_env(spawn, kafka)
+    kafka_env(spawn, &kafka.bootstrap())
         .env("QUEUE_TYPE", "composite")
         .env("COMPOSITE_PROVIDERS", "nats,kafka")
         .env("COMPOSITE_STRATEGY", strategy)
@@ -216,7 +218,7 @@ async fn composite_with_both_backends_up_writes_the_same_events_to_each() {
     .start()
     .await;
     // ...and a plain Kafka processor reads the copy, as the migration's new side would.
-    let copy = processor_at(&setup.kafka, free_port(), &kafka_sink, &[]).await;
+    let copy = processor_at(&setup.kafka.bootstrap(), free_port(), &kafka_sink, &[]).await;
     let gateway = gateway_for(&setup.ingest, &[&primary]).await;
     let accepted = send_batches(&gateway, "dual", 5_000, 250, 2).await;
     assert_eq!(accepted.len(), 5_000);
@@ -300,4 +302,294 @@ async fn composite_with_a_secondary_down_fail_fast_refuses_and_best_effort_accep
             "{metrics}"
         );
     }
+}
+
+// Consumer-group failures (issue #17, defect 7) and hand-over on shutdown (defect 4). Each runs
+// against librdkafka's MockCluster, in this test process, whose group coordinator expires a
+// silent member's session and rebalances as Apache Kafka does (the proof of what conveyor
+// itself does), and against tansu, whose coordinator keeps a dead member listed after its
+// session expired (README, Kafka section), so there conveyor's stall defence must step in.
+
+/// The broker a consumer-group test runs against.
+enum Broker {
+    Mock(MockKafka),
+    Tansu(KafkaBroker),
+}
+
+impl Broker {
+    /// The mock holds the topics conveyor would create (it has no CreateTopics).
+    fn mock() -> Broker {
+        Broker::Mock(MockKafka::start(&[
+            ("conveyor-events", 3),
+            ("conveyor-dlq", 1),
+        ]))
+    }
+
+    fn tansu() -> Broker {
+        Broker::Tansu(KafkaBroker::start())
+    }
+
+    fn bootstrap(&self) -> String {
+        match self {
+            Broker::Mock(mock) => mock.bootstrap().to_owned(),
+            Broker::Tansu(tansu) => tansu.bootstrap(),
+        }
+    }
+}
+
+/// An ingest spreading events over the partitions by id, one record per produced batch
+/// (tansu answers a fetch from inside a stored batch with the next batch: README).
+async fn ingest_by_id(bootstrap: &str) -> Conveyor {
+    kafka_env(Spawn::new("ingest"), bootstrap)
+        .env("KAFKA_PARTITION_KEY", "id")
+        .env("KAFKA_PRODUCER_CONFIG", "batch.num.messages=1")
+        .start()
+        .await
+}
+
+/// This processor's group member as its `/stats` shows it (`stats.queue.group`).
+async fn member(processor: &Conveyor) -> serde_json::Value {
+    let (code, body) = processor.get_json("/stats").await;
+    assert_eq!(code, 200, "{body}");
+    body["stats"]["queue"]["group"].clone()
+}
+
+fn assigned(member: &serde_json::Value) -> Vec<i64> {
+    member["assigned"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p.as_i64()).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `processors` hold the 3 partitions between them, each at least one.
+async fn group_formed(processors: &[&Conveyor]) {
+    eventually(
+        "every member to hold partitions",
+        Duration::from_secs(60),
+        async || {
+            let mut each = Vec::new();
+            for processor in processors {
+                each.push(assigned(&member(processor).await));
+            }
+            let mut all: Vec<i64> = each.iter().flatten().copied().collect();
+            all.sort_unstable();
+            if all == [0, 1, 2] && each.iter().all(|a| !a.is_empty()) {
+                Ok(())
+            } else {
+                Err(format!("assignments {each:?}"))
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the file at `sink` holds at least `n` records.
+async fn sink_holds(sink: &Path, n: usize) {
+    eventually(
+        &format!("{} to hold {n} records", sink.display()),
+        Duration::from_secs(60),
+        async || {
+            let len = read_sink_file(sink).len();
+            if len >= n {
+                Ok(())
+            } else {
+                Err(format!("{len}"))
+            }
+        },
+    )
+    .await
+}
+
+/// After a SIGKILL with two sinks: every accepted event reaches one of them, neither holds an
+/// id twice, nothing unexpected. An id may be in both: the killed member wrote it after its
+/// last commit, so the group gives it to the survivor, whose seen-id window knows only its own
+/// sink (Kafka is at-least-once across processes). Returns how many ids are in both.
+async fn none_lost_over(
+    survivor: &Path,
+    dead: &Path,
+    accepted: &HashSet<String>,
+    prefix: &str,
+) -> usize {
+    assert_exactly_once(&[survivor], &HashSet::new(), prefix, Duration::from_secs(1)).await;
+    let union = eventually(
+        "every accepted event to reach a sink",
+        Duration::from_secs(120),
+        async || {
+            let union: HashSet<String> = sink_counts(&[survivor])
+                .into_keys()
+                .chain(sink_counts(&[dead]).into_keys())
+                .collect();
+            let missing = accepted.iter().filter(|id| !union.contains(*id)).count();
+            if missing == 0 {
+                Ok(union)
+            } else {
+                Err(format!("{missing} of {} missing", accepted.len()))
+            }
+        },
+    )
+    .await;
+    for sink in [survivor, dead] {
+        let counts = sink_counts(&[sink]);
+        let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(
+            twice.is_empty(),
+            "{} holds ids twice: {twice:?}",
+            sink.display()
+        );
+        let unexpected: Vec<_> = counts
+            .keys()
+            .filter(|id| !id.starts_with(prefix))
+            .take(5)
+            .collect();
+        assert!(unexpected.is_empty(), "ids nobody sent: {unexpected:?}");
+    }
+    let (in_survivor, in_dead) = (sink_counts(&[survivor]), sink_counts(&[dead]));
+    assert_eq!(
+        union.len(),
+        accepted.len(),
+        "only accepted ids were written"
+    );
+    in_survivor
+        .keys()
+        .filter(|id| in_dead.contains_key(*id))
+        .count()
+}
+
+/// Two processors in one group; one is SIGKILLed mid-stream. After the session timeout the
+/// survivor must own every partition and consume what the dead one left. Returns the
+/// survivor's member stats.
+async fn a_killed_members_partitions_go_to_the_survivor(
+    broker: &Broker,
+    tag: &'static str,
+) -> serde_json::Value {
+    let bootstrap = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (survivor_sink, dead_sink) = (
+        dir.path().join("survivor.ndjson"),
+        dir.path().join("dead.ndjson"),
+    );
+    let survivor = processor_at(&bootstrap, free_port(), &survivor_sink, &[]).await;
+    let doomed = processor_at(&bootstrap, free_port(), &dead_sink, &[]).await;
+    group_formed(&[&survivor, &doomed]).await;
+    let ingest = ingest_by_id(&bootstrap).await;
+    let gateway = gateway_for(&ingest, &[&survivor]).await;
+    let sending = tokio::spawn(send_batches_to(
+        gateway.http().clone(),
+        gateway.url("/api/v1/ingest/batch"),
+        tag,
+        10_000,
+        250,
+        2,
+    ));
+    // In the middle of its work: it has written a share and holds more.
+    sink_holds(&dead_sink, 300).await;
+    doomed.sigkill();
+    let killed_at = tokio::time::Instant::now();
+    let accepted = sending.await.expect("sender");
+    assert_eq!(
+        accepted.len(),
+        10_000,
+        "intake does not depend on the processors"
+    );
+    let prefix = format!("{tag}-");
+    let both = none_lost_over(&survivor_sink, &dead_sink, &accepted, &prefix).await;
+    lag_reaches_zero(&gateway).await;
+    let member = member(&survivor).await;
+    assert_eq!(
+        assigned(&member),
+        [0, 1, 2],
+        "the survivor owns every partition: {member}"
+    );
+    eprintln!(
+        "{tag}: all {} events consumed {:?} after the kill; {both} written by both members; survivor {member}",
+        accepted.len(),
+        killed_at.elapsed()
+    );
+    member
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_mock_cluster_a_killed_members_partitions_go_to_the_survivor() {
+    let broker = Broker::mock();
+    let member = a_killed_members_partitions_go_to_the_survivor(&broker, "mockdead").await;
+    assert_eq!(
+        member["stalls"], 0,
+        "a coordinator that expires sessions needs no defence: {member}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_tansu_a_killed_members_partitions_go_to_the_survivor() {
+    let broker = Broker::tansu();
+    let member = a_killed_members_partitions_go_to_the_survivor(&broker, "tansudead").await;
+    // tansu keeps the dead member listed: the survivor got its partition by noticing the stall.
+    assert!(member["stalls"].as_u64() >= Some(1), "{member}");
+}
+
+/// One processor SIGKILLed and restarted on the same port and sink within the session
+/// timeout: the new member must get the partitions once the dead one expired and consume
+/// everything exactly once. Returns the new member's stats.
+async fn a_member_restarted_within_the_session_timeout_consumes(
+    broker: &Broker,
+    tag: &'static str,
+) -> serde_json::Value {
+    let bootstrap = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = dir.path().join("out.ndjson");
+    let port = free_port();
+    let processor = processor_at(&bootstrap, port, &sink, &[]).await;
+    group_formed(&[&processor]).await;
+    let ingest = ingest_by_id(&bootstrap).await;
+    let gateway = gateway_for(&ingest, &[&processor]).await;
+    let sending = tokio::spawn(send_batches_to(
+        gateway.http().clone(),
+        gateway.url("/api/v1/ingest/batch"),
+        tag,
+        6_000,
+        250,
+        2,
+    ));
+    sink_holds(&sink, 300).await;
+    processor.sigkill();
+    let killed_at = tokio::time::Instant::now();
+    drop(processor);
+    let restarted = processor_at(&bootstrap, port, &sink, &[]).await;
+    let restarted_after = killed_at.elapsed();
+    assert!(
+        restarted_after < Duration::from_secs(6),
+        "restarted within the session timeout: {restarted_after:?}"
+    );
+    let accepted = sending.await.expect("sender");
+    assert_eq!(accepted.len(), 6_000);
+    assert_exactly_once(
+        &[&sink],
+        &accepted,
+        &format!("{tag}-"),
+        Duration::from_secs(120),
+    )
+    .await;
+    lag_reaches_zero(&gateway).await;
+    let member = member(&restarted).await;
+    assert_eq!(assigned(&member), [0, 1, 2], "{member}");
+    eprintln!(
+        "{tag}: restarted {restarted_after:?} after the kill, all consumed {:?} after it; {member}",
+        killed_at.elapsed()
+    );
+    member
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_mock_cluster_a_member_restarted_within_the_session_timeout_consumes() {
+    let broker = Broker::mock();
+    let member =
+        a_member_restarted_within_the_session_timeout_consumes(&broker, "mockrestart").await;
+    assert_eq!(member["stalls"], 0, "{member}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_tansu_a_member_restarted_within_the_session_timeout_consumes() {
+    let broker = Broker::tansu();
+    let member =
+        a_member_restarted_within_the_session_timeout_consumes(&broker, "tansurestart").await;
+    assert!(member["stalls"].as_u64() >= Some(1), "{member}");
 }
