@@ -318,36 +318,78 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Creates `topic` unless it exists, then waits until its partitions are visible.
+/// Creates `topic` unless it exists, then waits until it shows its partitions.
+///
+/// Every role calls this at start-up, and in Kubernetes or compose they all start at once
+/// against a fresh broker: they race to create the topic. "Already exists" means another role
+/// won; any other refusal (a broker still starting, a creation still in progress) is retried
+/// until `within`. Then the topic is verified, not assumed: metadata must show `partitions`
+/// partitions (a topic just created can show fewer for a moment). A topic someone made with
+/// another partition count is accepted, with a warning, once its count holds steady.
 pub(crate) async fn ensure_topic(
     inner: &Arc<Inner>,
     topic: &str,
     partitions: i32,
     within: Duration,
 ) -> Result<(), String> {
+    let wanted = usize::try_from(partitions).unwrap_or(0).max(1);
     let deadline = Instant::now() + within;
-    let mut created = false;
+    // The partition count last seen and since when, to tell "still appearing" from "different".
+    let mut seen: Option<(usize, Instant)> = None;
+    let mut last_error = String::new();
     loop {
         match topic_partitions(inner, topic).await {
-            Ok(found) if !found.is_empty() => return Ok(()),
-            Ok(_) if !created => {
-                create_topic(inner, topic, partitions).await?;
-                created = true;
+            Ok(found) if found.len() >= wanted => {
+                if found.len() > wanted {
+                    tracing::info!(
+                        topic,
+                        partitions = found.len(),
+                        wanted,
+                        "topic exists with more partitions; using it as it is"
+                    );
+                }
+                return Ok(());
             }
-            Ok(_) => {}
-            Err(error) if Instant::now() >= deadline => {
-                return Err(format!(
-                    "cannot reach Kafka at {}: {error}",
-                    inner.config.brokers
-                ));
+            Ok(found) if found.is_empty() => match create_topic(inner, topic, partitions).await {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::warn!(topic, %error, "cannot create the topic yet; retrying");
+                    last_error = error;
+                }
+            },
+            Ok(found) => {
+                // Fewer partitions than wanted: still appearing (just created, here or by a
+                // racing role), or made by someone with fewer.
+                let now = Instant::now();
+                match seen {
+                    Some((count, since)) if count == found.len() => {
+                        if now.duration_since(since) >= Duration::from_secs(2) {
+                            tracing::warn!(
+                                topic,
+                                partitions = found.len(),
+                                wanted,
+                                "topic has fewer partitions than KAFKA_PARTITIONS; using it as it is"
+                            );
+                            return Ok(());
+                        }
+                    }
+                    _ => seen = Some((found.len(), now)),
+                }
             }
-            Err(error) => tracing::warn!(%error, "cannot reach Kafka yet; retrying"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot reach Kafka yet; retrying");
+                last_error = format!("cannot reach Kafka at {}: {error}", inner.config.brokers);
+            }
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "topic '{topic}' did not appear on {} after creating it",
-                inner.config.brokers
-            ));
+            return Err(if last_error.is_empty() {
+                format!(
+                    "topic '{topic}' did not appear with its partitions on {} within {within:?}",
+                    inner.config.brokers
+                )
+            } else {
+                last_error
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
