@@ -39,6 +39,9 @@ use crate::watermark::Watermark;
 pub(crate) const ENCODING_HEADER: &str = "conveyor-encoding";
 /// How often a publisher measures the group's lag (its capacity bound) and the broker's health.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest interval between a group member's heartbeats (shorter when a third of the session
+/// timeout is).
+const HEARTBEAT_MAX: Duration = Duration::from_millis(500);
 /// Longest wait for one metadata, watermark or committed-offsets request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -219,10 +222,14 @@ fn consumer_config(config: &KafkaConfig) -> ClientConfig {
             "session.timeout.ms",
             config.session_timeout.as_millis().to_string(),
         )
+        // A member hears of a rebalance only in a heartbeat's answer: when another member
+        // leaves (a processor stopping), the partitions move after at most one interval. Kafka's
+        // 3 s default would make every rolling restart wait that long; conveyor has one member
+        // per process, so a heartbeat every 500 ms costs the coordinator little.
         .set(
             "heartbeat.interval.ms",
             (config.session_timeout.as_millis() / 3)
-                .max(100)
+                .clamp(100, HEARTBEAT_MAX.as_millis())
                 .to_string(),
         )
         // Bounds what librdkafka prefetches per partition, on top of `max_held`.
@@ -819,6 +826,7 @@ struct Member {
     consumer: Detached<StreamConsumer<GroupContext>>,
     shared: Arc<Shared>,
     topic: String,
+    group: String,
     max_held: usize,
     stop: watch::Sender<bool>,
     /// Why the group is stalled ([`crate::stall`]), while it is.
@@ -1045,6 +1053,7 @@ impl Member {
             consumer: Detached::new(consumer),
             shared,
             topic,
+            group: inner.config.group.clone(),
             max_held: inner.config.max_held.max(1),
             stop,
             stalled: Mutex::new(None),
@@ -1200,6 +1209,30 @@ impl Member {
     /// Leaves the group and joins it again: librdkafka drops its member id on leaving, so the
     /// coordinator sees a new member and rebalances. What was done is committed on the revoke.
     fn rejoin(&self) -> Result<(), String> {
+        // Who the coordinator thinks is in the group: with a coordinator that keeps dead
+        // members, the operator sees them named here.
+        match self
+            .consumer
+            .fetch_group_list(Some(&self.group), REQUEST_TIMEOUT)
+        {
+            Ok(list) => {
+                for group in list.groups() {
+                    let members: Vec<String> = group
+                        .members()
+                        .iter()
+                        .map(|m| format!("{} ({} at {})", m.id(), m.client_id(), m.client_host()))
+                        .collect();
+                    tracing::warn!(
+                        group = group.name(),
+                        state = group.state(),
+                        members = members.len(),
+                        "the coordinator lists these members: {}",
+                        members.join(", ")
+                    );
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot describe the group"),
+        }
         self.consumer.unsubscribe();
         self.consumer
             .subscribe(&[&self.topic])

@@ -500,6 +500,17 @@ async fn a_killed_members_partitions_go_to_the_survivor(
         [0, 1, 2],
         "the survivor owns every partition: {member}"
     );
+    let told: Vec<String> = survivor
+        .stderr_tail()
+        .lines()
+        .filter(|l| {
+            ["partitions assigned", "stalled", "lists these members"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .map(str::to_owned)
+        .collect();
+    eprintln!("{tag}: the survivor said:\n{}", told.join("\n"));
     eprintln!(
         "{tag}: all {} events consumed {:?} after the kill; {both} written by both members; survivor {member}",
         accepted.len(),
@@ -592,4 +603,67 @@ async fn on_tansu_a_member_restarted_within_the_session_timeout_consumes() {
     let member =
         a_member_restarted_within_the_session_timeout_consumes(&broker, "tansurestart").await;
     assert!(member["stalls"].as_u64() >= Some(1), "{member}");
+}
+
+/// Issue #17, defect 4: a processor stopped with SIGTERM commits what it finished and leaves
+/// the group before it exits, so the other member owns every partition at once (not after the
+/// session timeout) and consumes the rest of the backlog; nothing is lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_processor_hands_its_partitions_over_at_once() {
+    let broker = Broker::tansu();
+    let bootstrap = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (survivor_sink, stopped_sink) = (
+        dir.path().join("survivor.ndjson"),
+        dir.path().join("stopped.ndjson"),
+    );
+    // A slow stage, so a backlog waits in the partitions when the SIGTERM comes.
+    let slow = ["--stage", "cpu:3000", "--batch-size", "16"];
+    let survivor = processor_at(&bootstrap, free_port(), &survivor_sink, &slow).await;
+    let mut stopping = processor_at(&bootstrap, free_port(), &stopped_sink, &slow).await;
+    group_formed(&[&survivor, &stopping]).await;
+    let ingest = ingest_by_id(&bootstrap).await;
+    let gateway = gateway_for(&ingest, &[&survivor]).await;
+    let accepted = send_batches(&gateway, "handover", 6_000, 250, 2).await;
+    assert_eq!(accepted.len(), 6_000);
+    sink_holds(&stopped_sink, 200).await;
+    let backlog: u64 = gateway.status().await["processor"]["stats"]["queue"]["partitions"]
+        .as_array()
+        .map(|ps| ps.iter().map(|p| p["lag"].as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0);
+    stopping.sigterm();
+    let signalled = tokio::time::Instant::now();
+    let gap = eventually(
+        "the survivor to own every partition",
+        Duration::from_secs(30),
+        async || {
+            let member = member(&survivor).await;
+            if assigned(&member) == [0, 1, 2] {
+                Ok(signalled.elapsed())
+            } else {
+                Err(member.to_string())
+            }
+        },
+    )
+    .await;
+    let status = stopping.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "a SIGTERMed processor exits 0: {status}");
+    assert_exactly_once(
+        &[&survivor_sink, &stopped_sink],
+        &accepted,
+        "handover-",
+        Duration::from_secs(120),
+    )
+    .await;
+    lag_reaches_zero(&gateway).await;
+    eprintln!(
+        "handover: the survivor owned every partition {gap:?} after the SIGTERM \
+         (backlog {backlog} events, session timeout 6 s)"
+    );
+    // The session timeout is 6 s: a member that did not leave would be dropped only then; one
+    // that leaves is gone after its drain, and the survivor hears of it at its next heartbeat.
+    assert!(
+        gap < Duration::from_secs(1),
+        "the partitions moved {gap:?} after the SIGTERM: the member did not leave the group at once"
+    );
 }
