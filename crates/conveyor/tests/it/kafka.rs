@@ -493,8 +493,13 @@ async fn a_killed_members_partitions_go_to_the_survivor(
     );
     let prefix = format!("{tag}-");
     let both = none_lost_over(&survivor_sink, &dead_sink, &accepted, &prefix).await;
-    lag_reaches_zero(&gateway).await;
+    let status = lag_reaches_zero(&gateway).await;
     let member = member(&survivor).await;
+    // The gateway's status shows the member as the processor reports it (stalls included).
+    assert_eq!(
+        status["processor"]["stats"]["queue"]["group"]["stalls"], member["stalls"],
+        "{status}"
+    );
     assert_eq!(
         assigned(&member),
         [0, 1, 2],
