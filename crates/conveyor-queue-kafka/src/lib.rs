@@ -21,7 +21,7 @@
 //!   come again; the processor's seen-id window (seeded from its sink) skips them.
 //! - **Group health**: a member that finds partitions it does not own with lag and no commit
 //!   for twice the session timeout (a coordinator that keeps a dead member assigned) reports
-//!   the group stalled in its stats and health, and rejoins with a fresh member id ([`stall`]).
+//!   the group stalled in its stats and health, and rejoins with a fresh member id.
 //!   On shutdown the member commits and leaves the group, so the others take over within about
 //!   one heartbeat (at most 500 ms).
 //! - **Dead letters** go to a DLQ topic ([`KafkaDeadLetters`]) before the offset moves past
