@@ -31,6 +31,19 @@ pub struct Gateway {
     pub metrics: HttpMetrics,
 }
 
+impl Gateway {
+    /// The whole system's status (`/api/v1/status`, the dashboard and the system metrics).
+    pub async fn status(&self) -> status::SystemStatus {
+        status::collect(
+            &self.ingests,
+            &self.processors,
+            self.intake.own_refusals(),
+            self.readiness.is_ready(),
+        )
+        .await
+    }
+}
+
 /// The gateway's HTTP and gRPC routes, on one port.
 pub fn router(gateway: Gateway) -> Router {
     let grpc = IngestGrpc::new(
@@ -71,24 +84,12 @@ pub fn router(gateway: Gateway) -> Router {
 }
 
 async fn system_status(State(gateway): State<Gateway>) -> axum::Json<status::SystemStatus> {
-    axum::Json(
-        status::collect(
-            &gateway.ingests,
-            &gateway.processors,
-            gateway.readiness.is_ready(),
-        )
-        .await,
-    )
+    axum::Json(gateway.status().await)
 }
 
 /// The system-wide figures, from the same aggregation as `/api/v1/status`.
 async fn render_metrics(gateway: Gateway) -> String {
-    let status = status::collect(
-        &gateway.ingests,
-        &gateway.processors,
-        gateway.readiness.is_ready(),
-    )
-    .await;
+    let status = gateway.status().await;
     let mut out = String::with_capacity(4096);
     metrics::render_ingest(&mut out, &status.ingest.stats);
     metrics::render_processor(&mut out, &status.processor.stats);

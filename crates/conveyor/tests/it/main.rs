@@ -3,6 +3,7 @@
 
 mod delivery;
 mod harness;
+mod ledger;
 
 mod all_in_one;
 mod backpressure;
