@@ -142,3 +142,25 @@ pub struct ReplayReport {
     /// Requested ids not found in the DLQ.
     pub not_found: Vec<String>,
 }
+
+/// The query of `GET /dlq` and `GET /api/v1/dlq`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<usize>,
+}
+
+/// How many dead letters a listing shows when the query names no limit.
+pub const DEFAULT_DLQ_LIST_LIMIT: usize = 100;
+
+/// The DLQ listing, as `GET /dlq` and the gateway's `GET /api/v1/dlq` answer it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadLetterList {
+    pub size: u64,
+    pub events: Vec<DeadLetterView>,
+}
+
+/// The body of `POST /dlq/replay`; no body or no `ids` replays everything.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ReplayRequest {
+    pub ids: Option<Vec<String>>,
+}

@@ -6,15 +6,14 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use conveyor_api::body::read_replay_request;
 use conveyor_api::metrics::{self, HttpMetrics};
 use conveyor_api::{HttpError, Readiness, ReadyProbe, service_router};
 use conveyor_core::ApiError;
 use conveyor_core::stats::ReplayReport;
+use conveyor_core::stats::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery};
 use conveyor_ingest::grpc::IngestGrpc;
 use conveyor_ingest::http::{self as ingest_http, HttpLimits};
-use conveyor_processor::http::{
-    DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery, parse_replay_request,
-};
 use futures_util::future::join_all;
 
 use crate::peers::{IngestPeer, ProcessorPeer};
@@ -136,7 +135,7 @@ async fn list_dead_letters(
 
 /// Replays on every processor; an id is "not found" only if no processor had it.
 async fn replay(State(gateway): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
-    let request = match parse_replay_request(&headers, body, gateway.limits.max_body_bytes).await {
+    let request = match read_replay_request(&headers, body, gateway.limits.max_body_bytes).await {
         Ok(request) => request,
         Err(error) => return HttpError(error).into_response(),
     };

@@ -7,8 +7,8 @@ use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, Stream};
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use conveyor_proto::v1;
+use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use prost::Message;
 
 use crate::NatsConfig;

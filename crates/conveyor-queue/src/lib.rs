@@ -17,6 +17,7 @@
 
 pub mod composite;
 pub mod dedupe;
+pub mod dlq;
 pub mod memory;
 
 #[cfg(feature = "conformance")]

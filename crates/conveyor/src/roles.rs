@@ -15,10 +15,10 @@ use conveyor_ingest::http::{self as ingest_http, HttpLimits};
 use conveyor_ingest::{
     CoalescingIntake, CoalescingPublisher, EnqueueForwarder, Ingest, Intake, RemoteIntake,
 };
-use conveyor_processor::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{Processor, ProcessorConfig, sink};
 use conveyor_queue::composite::{CompositeQueue, Strategy};
+use conveyor_queue::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_queue::{Health, MemoryQueue, MemoryQueueConfig, Publisher, Queue};
 use conveyor_queue_kafka::{KafkaConfig, KafkaDeadLetters, KafkaQueue, PartitionKey};
 use conveyor_queue_nats::{NatsConfig, NatsDeadLetters, NatsQueue};
