@@ -22,45 +22,22 @@ use tonic::transport::Channel;
 /// How long a process may take to print its listening line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Environment variables the binary reads; cleared so the test machine's environment cannot
-/// change what a test starts.
-const CONFIG_ENV: &[&str] = &[
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "API_PORT",
-    "INGEST_PORT",
-    "PROCESSOR_PORT",
-    "CONVEYOR_HOST",
-    "INGEST_URL",
-    "PROCESSOR_URL",
-    "QUEUE_TYPE",
-    "QUEUE_SIZE",
-    "PROCESSOR_WORKERS",
-    "CONVEYOR_SINK",
-    "CONVEYOR_STAGES",
-    "CONVEYOR_MAX_ATTEMPTS",
-    "CONVEYOR_RETRY_BACKOFF_MS",
-    "CONVEYOR_RETRY_BACKOFF_MAX_MS",
-    "CONVEYOR_BATCH_SIZE",
-    "CONVEYOR_DEDUPE_WINDOW",
-    "CONVEYOR_DLQ_CAPACITY",
-    "CONVEYOR_DRAIN_TIMEOUT_SECS",
-    "CONVEYOR_MAX_BODY_BYTES",
-    "CONVEYOR_MAX_BATCH_EVENTS",
-    "CONVEYOR_LOG",
-    "CONVEYOR_LOG_FORMAT",
-    "RUST_LOG",
-    "NATS_URL",
-    "KAFKA_BROKERS",
-    "KAFKA_TOPIC",
-    "KAFKA_CONSUMER_GROUP",
-    "KAFKA_PARTITIONS",
-    "KAFKA_PARTITION_KEY",
-    "KAFKA_PRODUCER_CONFIG",
-    "KAFKA_CONSUMER_CONFIG",
-    "KAFKA_DLQ_TOPIC",
-    "COMPOSITE_PROVIDERS",
-    "COMPOSITE_STRATEGY",
-];
+/// What a started process keeps of the test's environment: nothing that configures conveyor
+/// (every process starts from an empty environment plus these and what the test sets), so a
+/// developer's shell (`QUEUE_TYPE`, `NATS_URL`, `OTEL_*`, …) cannot change what a test starts.
+const KEPT_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "RUST_BACKTRACE"];
+
+/// The `conveyor` binary under test, with an environment of [`KEPT_ENV`] only.
+pub fn conveyor_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+    cmd.env_clear();
+    for key in KEPT_ENV {
+        if let Some(value) = std::env::var_os(key) {
+            cmd.env(key, value);
+        }
+    }
+    cmd
+}
 
 /// Output of a process, shared with the task that reads it.
 type Log = Arc<Mutex<String>>;
@@ -175,11 +152,8 @@ impl Spawn {
     }
 
     fn command(&self, dir: &Path, sink_path: &Path) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+        let mut cmd = conveyor_command();
         cmd.current_dir(dir).arg(self.role);
-        for key in CONFIG_ENV {
-            cmd.env_remove(key);
-        }
         cmd.env("CONVEYOR_LOG", "info");
         if self.listen_flags {
             cmd.args(["--host", "127.0.0.1", "--port", "0"]);
