@@ -26,8 +26,9 @@
 mod config;
 mod dlq;
 mod queue;
+mod setup;
 
-pub use config::NatsConfig;
+pub use config::{NatsConfig, parse_servers};
 pub use dlq::NatsDeadLetters;
 pub use queue::NatsQueue;
 

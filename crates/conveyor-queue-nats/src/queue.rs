@@ -23,7 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 use prost::Message;
 use tokio::sync::Semaphore;
 
-use crate::NatsConfig;
+use crate::{NatsConfig, setup};
 
 /// Header marking a message as a protobuf `conveyor.v1.Event`.
 pub(crate) const ENCODING_HEADER: &str = "Conveyor-Encoding";
@@ -53,8 +53,20 @@ struct Counters {
     terminated: AtomicU64,
 }
 
-/// Connects to the server(s), retrying for up to `connect_within`.
-pub(crate) async fn connect(url: &str, connect_within: Duration) -> Result<Client, String> {
+/// Connects to the server(s), retrying for up to `connect_within`. With several servers (a
+/// cluster's seeds) the client tries each, and later reconnects to any of them or to the
+/// cluster members the servers announce.
+pub(crate) async fn connect(
+    servers: &[async_nats::ServerAddr],
+    connect_within: Duration,
+) -> Result<Client, String> {
+    let named = || {
+        servers
+            .iter()
+            .map(|s| s.as_url_str().trim_end_matches('/'))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let deadline = tokio::time::Instant::now() + connect_within;
     loop {
         let attempt = async_nats::ConnectOptions::new()
@@ -62,53 +74,29 @@ pub(crate) async fn connect(url: &str, connect_within: Duration) -> Result<Clien
             .connection_timeout(Duration::from_secs(2))
             // After start-up the client reconnects for ever; publishes fail fast meanwhile.
             .max_reconnects(None)
-            .connect(url)
+            .connect(servers.to_vec())
             .await;
         match attempt {
             Ok(client) => return Ok(client),
             Err(error) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(%url, %error, "cannot reach NATS yet; retrying");
+                tracing::warn!(servers = %named(), %error, "cannot reach NATS yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(error) => return Err(format!("cannot connect to NATS at {url}: {error}")),
+            Err(error) => return Err(format!("cannot connect to NATS at {}: {error}", named())),
         }
     }
 }
 
 impl NatsQueue {
     /// Connects, and creates the stream and the durable consumer or checks the existing ones.
+    /// Several roles may do this at the same moment against a fresh server; see `setup`.
     pub async fn connect(config: NatsConfig) -> Result<NatsQueue, String> {
-        let client = connect(&config.url, Duration::from_secs(30)).await?;
+        let servers = config.servers()?;
+        let client = connect(&servers, Duration::from_secs(30)).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.publish_timeout);
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![config.subject.clone()],
-                retention: RetentionPolicy::WorkQueue,
-                max_messages: config.capacity,
-                discard: DiscardPolicy::New,
-                storage: config.storage_type(),
-                num_replicas: config.replicas,
-                duplicate_window: config.duplicate_window,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot create or find stream '{}': {e}", config.stream))?;
-        let existing = &stream.cached_info().config;
-        if existing.retention != RetentionPolicy::WorkQueue
-            || !existing.subjects.iter().any(|s| s == &config.subject)
-        {
-            return Err(format!(
-                "stream '{}' exists with another shape (retention {:?}, subjects {:?}); conveyor needs \
-                 work-queue retention on subject '{}'",
-                config.stream, existing.retention, existing.subjects, config.subject
-            ));
-        }
-        stream
-            .get_or_create_consumer::<pull::Config>(&config.consumer, consumer_config(&config))
-            .await
-            .map_err(|e| format!("cannot create or find consumer '{}': {e}", config.consumer))?;
+        let stream = setup::ensure_stream(&js, stream_config(&config), "work-queue").await?;
+        setup::ensure_consumer(&js, &stream, consumer_config(&config)).await?;
         Ok(NatsQueue {
             inner: Arc::new(Inner {
                 in_flight: Arc::new(Semaphore::new(config.max_in_flight_publishes.max(1))),
@@ -145,10 +133,23 @@ impl NatsQueue {
             .get_stream(&config.stream)
             .await
             .map_err(|e| QueueError::Unavailable(format!("stream '{}': {e}", config.stream)))?;
-        stream
-            .get_or_create_consumer::<pull::Config>(&config.consumer, consumer_config(config))
+        setup::ensure_consumer(&self.inner.js, &stream, consumer_config(config))
             .await
-            .map_err(|e| QueueError::Unavailable(format!("consumer '{}': {e}", config.consumer)))
+            .map_err(QueueError::Unavailable)
+    }
+}
+
+fn stream_config(config: &NatsConfig) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![config.subject.clone()],
+        retention: RetentionPolicy::WorkQueue,
+        max_messages: config.capacity,
+        discard: DiscardPolicy::New,
+        storage: config.storage_type(),
+        num_replicas: config.replicas,
+        duplicate_window: config.duplicate_window,
+        ..Default::default()
     }
 }
 
