@@ -23,6 +23,7 @@
 //! What is not promised here: durability under power loss is the broker's own (JetStream file
 //! storage syncs to disk on its own schedule; use replicas for more).
 
+mod cluster;
 mod config;
 mod dlq;
 mod queue;

@@ -23,7 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 use prost::Message;
 use tokio::sync::Semaphore;
 
-use crate::{NatsConfig, setup};
+use crate::{NatsConfig, cluster, setup};
 
 /// Header marking a message as a protobuf `conveyor.v1.Event`.
 pub(crate) const ENCODING_HEADER: &str = "Conveyor-Encoding";
@@ -119,6 +119,20 @@ impl NatsQueue {
 
     pub fn config(&self) -> &NatsConfig {
         &self.inner.config
+    }
+
+    /// The stream's info, asked of its leader; `Err` names why there is none within
+    /// `INFO_WITHIN` (while the stream has no leader nobody answers).
+    async fn stream_info(&self) -> Result<jetstream::stream::Info, String> {
+        let name = &self.inner.config.stream;
+        match tokio::time::timeout(cluster::INFO_WITHIN, self.inner.js.get_stream(name)).await {
+            Ok(Ok(stream)) => Ok(stream.cached_info().clone()),
+            Ok(Err(error)) => Err(format!("stream '{name}' info: {error}")),
+            Err(_) => Err(format!(
+                "stream '{name}' info unanswered within {:?}: the stream has no leader, or JetStream is unavailable",
+                cluster::INFO_WITHIN
+            )),
+        }
     }
 
     fn connected(&self) -> bool {
@@ -284,14 +298,22 @@ impl Publisher for NatsQueue {
 
     async fn health(&self) -> Health {
         if self.inner.closed.load(Ordering::Acquire) {
-            Health::Unhealthy("closed for publishing (shutting down)".into())
-        } else if self.connected() {
-            Health::Healthy
-        } else {
-            Health::Unhealthy(format!(
+            return Health::Unhealthy("closed for publishing (shutting down)".into());
+        }
+        if !self.connected() {
+            return Health::Unhealthy(format!(
                 "not connected to NATS at {}",
                 self.inner.config.url
-            ))
+            ));
+        }
+        // Connected is not enough on a cluster: the stream needs a leader and a quorum to
+        // confirm a publish.
+        match self.stream_info().await {
+            Err(reason) => Health::Unhealthy(reason),
+            Ok(info) => match cluster::problem(&self.inner.config.stream, info.cluster.as_ref()) {
+                Some(reason) => Health::Unhealthy(reason),
+                None => Health::Healthy,
+            },
         }
     }
 }
@@ -327,12 +349,20 @@ impl Queue for NatsQueue {
             ..QueueStats::default()
         };
         let config = &self.inner.config;
-        if let Ok(mut stream) = self.inner.js.get_stream(&config.stream).await {
-            if let Ok(info) = stream.info().await {
-                stats.published = info.state.last_sequence;
-            }
-            if let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&config.consumer).await
-                && let Ok(info) = consumer.info().await
+        // Each request bounded: while the stream has no leader nobody answers, and a status
+        // page must still answer (without the figures only the leader knows).
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            cluster::INFO_WITHIN,
+            self.inner.js.get_stream(&config.stream),
+        )
+        .await
+        {
+            let info = stream.cached_info();
+            stats.published = info.state.last_sequence;
+            stats.cluster = info.cluster.as_ref().map(cluster::stream_cluster);
+            if let Ok(Ok(info)) =
+                tokio::time::timeout(cluster::INFO_WITHIN, stream.consumer_info(&config.consumer))
+                    .await
             {
                 stats.size = info.num_pending;
                 stats.in_flight = info.num_ack_pending as u64;

@@ -1,0 +1,528 @@
+//! A replicated NATS JetStream losing nodes (issue #17): three `nats-server` processes routed
+//! into one cluster (conveyor-testkit's `NatsCluster`), the stream and its consumer with three
+//! replicas, conveyor pointed at all three with a comma-separated `NATS_URL`. Nodes are
+//! SIGKILLed while eight clients send and a processor consumes: every accepted event must reach
+//! the sink exactly once, clients may see a short burst of 503s and nothing else, and the
+//! status and readiness pages must say what the cluster is going through.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use conveyor_testkit::{NatsCluster, NatsServer, free_port};
+use serde_json::Value;
+
+use crate::delivery::{assert_exactly_once, event_body, send_batches_to};
+use crate::harness::{Conveyor, Spawn, eventually, read_json};
+
+const STREAM: &str = "CONVEYOR";
+/// Clients sending at once, each one event per request.
+const CLIENTS: usize = 8;
+/// The longest burst of 503s a node loss may cost. JetStream elects a new stream leader within
+/// a few seconds; this bounds the behaviour (intake comes back by itself), not a speed.
+const MAX_UNAVAILABLE: Duration = Duration::from_secs(20);
+
+fn cluster_env(spawn: Spawn, cluster: &NatsCluster) -> Spawn {
+    spawn
+        .env("QUEUE_TYPE", "nats")
+        .env("NATS_URL", &cluster.urls())
+        .env("CONVEYOR_NATS_REPLICAS", "3")
+        // A redelivery of what a lost ack left unacked comes within seconds.
+        .env("CONVEYOR_NATS_ACK_WAIT_SECS", "2")
+}
+
+/// A processor, an ingest and a gateway on the cluster.
+struct System {
+    processor: Conveyor,
+    ingest: Conveyor,
+    gateway: Conveyor,
+    sink: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_system(cluster: &NatsCluster) -> System {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = dir.path().join("out.ndjson");
+    let processor = cluster_env(Spawn::new("processor"), cluster)
+        .sink_at(&sink)
+        .start()
+        .await;
+    let ingest = cluster_env(Spawn::new("ingest"), cluster).start().await;
+    let gateway = Spawn::new("gateway")
+        .args([
+            "--ingest-url",
+            ingest.base_url(),
+            "--processor-url",
+            processor.base_url(),
+        ])
+        .start()
+        .await;
+    System {
+        processor,
+        ingest,
+        gateway,
+        sink,
+        _dir: dir,
+    }
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    accepted: HashSet<String>,
+    /// When each 503/429 came, since the clients started.
+    refused_at: Vec<Duration>,
+    /// When each 202 came.
+    accepted_at: Vec<Duration>,
+    /// Any answer other than 202/503/429, with its body.
+    wrong: Vec<String>,
+}
+
+/// Eight clients, each sending one event per request and, as README tells clients, retrying
+/// the same event (same id) after a 503 or 429 until it is accepted.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    started: Instant,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    fn start(gateway: &Conveyor, tag: &'static str) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let started = Instant::now();
+        let tasks = (0..CLIENTS)
+            .map(|client| {
+                let (stop, seen) = (Arc::clone(&stop), Arc::clone(&seen));
+                let http = gateway.http().clone();
+                let url = gateway.url("/api/v1/ingest");
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = event_body(tag, client * 1_000_000 + i);
+                        let response = http
+                            .post(&url)
+                            .json(&body)
+                            .send()
+                            .await
+                            .expect("the gateway stays up");
+                        let (code, answer) = read_json(response).await;
+                        let at = started.elapsed();
+                        {
+                            let mut seen = seen.lock().expect("seen");
+                            match code {
+                                202 => {
+                                    let id = answer["messageId"].as_str().expect("messageId");
+                                    seen.accepted.insert(id.to_owned());
+                                    seen.accepted_at.push(at);
+                                    i += 1;
+                                }
+                                503 | 429 => seen.refused_at.push(at),
+                                _ => seen.wrong.push(format!("{code}: {answer}")),
+                            }
+                        }
+                        if code != 202 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Clients {
+            stop,
+            seen,
+            started,
+            tasks,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.seen.lock().expect("seen").accepted.len()
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits until the clients have been accepted again for `steady` after the last refusal
+    /// that came after `since`; returns how long refusals lasted after `since` (zero if none).
+    async fn wait_until_steady(&self, since: Duration, steady: Duration, what: &str) -> Duration {
+        let deadline = Instant::now() + MAX_UNAVAILABLE + Duration::from_secs(30);
+        loop {
+            let (last_refusal, accepted_after) = {
+                let seen = self.seen.lock().expect("seen");
+                let last = seen
+                    .refused_at
+                    .iter()
+                    .copied()
+                    .filter(|t| *t >= since)
+                    .max();
+                let after = last.unwrap_or(since);
+                (
+                    last,
+                    seen.accepted_at.iter().filter(|t| **t > after).count(),
+                )
+            };
+            let quiet_since = last_refusal.unwrap_or(since);
+            if accepted_after > 0 && self.now() > quiet_since + steady {
+                return last_refusal.map_or(Duration::ZERO, |last| last - since);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: intake did not resume by itself (last refusal at {last_refusal:?}, \
+                 {accepted_after} accepted after it)"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("client task");
+        }
+        Arc::try_unwrap(self.seen)
+            .ok()
+            .expect("no client left")
+            .into_inner()
+            .expect("seen")
+    }
+}
+
+/// The node leading `STREAM` now (asked of the cluster itself).
+async fn leader_node(cluster: &NatsCluster) -> usize {
+    let name = eventually(
+        "the stream to have a leader",
+        Duration::from_secs(30),
+        async || {
+            cluster
+                .stream_leader(STREAM)
+                .await
+                .ok_or_else(|| "no leader yet".to_owned())
+        },
+    )
+    .await;
+    cluster
+        .node_named(&name)
+        .expect("the leader is a node of the cluster")
+}
+
+/// The refusals of one outage: the window from the kill to the last refusal, and how many.
+fn report_window(what: &str, seen: &Seen, since: Duration, window: Duration) {
+    let refusals = seen.refused_at.iter().filter(|t| **t >= since).count();
+    println!(
+        "{what}: 503 window {:.2} s ({refusals} refused answers across {CLIENTS} clients)",
+        window.as_secs_f64()
+    );
+}
+
+/// After the clients stopped: no wrong answer, a short burst at most, intake resumed, every
+/// accepted event (and a final batch run) in the sink exactly once.
+async fn assert_delivered(system: &System, seen: Seen, tag: &'static str) {
+    assert!(
+        seen.wrong.is_empty(),
+        "answers other than 202/503/429: {:?}",
+        &seen.wrong[..seen.wrong.len().min(5)]
+    );
+    // Intake is steady again: a batch run through the same gateway is accepted whole.
+    let more = send_batches_to(
+        system.gateway.http().clone(),
+        system.gateway.url("/api/v1/ingest/batch"),
+        tag,
+        2_000,
+        100,
+        2,
+    )
+    .await;
+    assert_eq!(more.len(), 2_000, "a steady cluster accepts every event");
+    let mut accepted = seen.accepted;
+    accepted.extend(more);
+    assert_exactly_once(
+        &[&system.sink],
+        &accepted,
+        &format!("{tag}-"),
+        Duration::from_secs(120),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_stream_leader_costs_a_short_burst_of_503s_and_no_event() {
+    let mut cluster = NatsCluster::start().await;
+    let system = start_system(&cluster).await;
+    let clients = Clients::start(&system.gateway, "leader");
+    eventually(
+        "clients to get going",
+        Duration::from_secs(30),
+        async || {
+            (clients.accepted() >= 200)
+                .then_some(())
+                .ok_or_else(|| format!("{} accepted", clients.accepted()))
+        },
+    )
+    .await;
+
+    let leader = leader_node(&cluster).await;
+    let killed_at = clients.now();
+    cluster.kill(leader);
+    let window = clients
+        .wait_until_steady(
+            killed_at,
+            Duration::from_secs(3),
+            "after the leader's SIGKILL",
+        )
+        .await;
+    let new_leader = leader_node(&cluster).await;
+    assert_ne!(new_leader, leader, "a running node leads now");
+    let seen = clients.finish().await;
+    report_window(
+        &format!("SIGKILL of stream leader {}", cluster.name(leader)),
+        &seen,
+        killed_at,
+        window,
+    );
+    assert!(
+        window < MAX_UNAVAILABLE,
+        "clients were refused for {window:?} after the leader died"
+    );
+    assert_delivered(&system, seen, "leader").await;
+    assert!(
+        system.processor.stderr_tail().find("panicked").is_none(),
+        "{}",
+        system.processor.stderr_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_still_catching_up_and_another_node_killed_lose_no_event() {
+    let mut cluster = NatsCluster::start().await;
+    let system = start_system(&cluster).await;
+    let clients = Clients::start(&system.gateway, "rejoin");
+    eventually(
+        "clients to get going",
+        Duration::from_secs(30),
+        async || {
+            (clients.accepted() >= 200)
+                .then_some(())
+                .ok_or_else(|| format!("{} accepted", clients.accepted()))
+        },
+    )
+    .await;
+
+    // The worst order: the leader dies; once intake is back it is restarted with its store,
+    // and while it still catches up on what it missed, the new leader dies too.
+    let first = leader_node(&cluster).await;
+    let first_at = clients.now();
+    cluster.kill(first);
+    let first_window = clients
+        .wait_until_steady(first_at, Duration::from_secs(2), "after the first SIGKILL")
+        .await;
+    cluster.restart(first);
+    let second = leader_node(&cluster).await;
+    assert_ne!(second, first);
+    let second_at = clients.now();
+    cluster.kill(second);
+    let second_window = clients
+        .wait_until_steady(
+            second_at,
+            Duration::from_secs(3),
+            "after the second SIGKILL",
+        )
+        .await;
+    let seen = clients.finish().await;
+    report_window(
+        &format!("SIGKILL of leader {}", cluster.name(first)),
+        &seen,
+        first_at,
+        first_window,
+    );
+    report_window(
+        &format!(
+            "SIGKILL of leader {} while {} rejoined",
+            cluster.name(second),
+            cluster.name(first)
+        ),
+        &seen,
+        second_at,
+        second_window,
+    );
+    for window in [first_window, second_window] {
+        assert!(
+            window < MAX_UNAVAILABLE,
+            "clients were refused for {window:?} after a node died"
+        );
+    }
+    cluster.restart(second);
+    assert_delivered(&system, seen, "rejoin").await;
+}
+
+/// `/api/v1/status`'s view of the stream's cluster (from the processor's queue stats), and
+/// the processor's and ingest's `/ready`.
+struct View {
+    cluster: Value,
+    processor_ready: u16,
+    processor_reason: String,
+    ingest_ready: u16,
+}
+
+async fn view(system: &System) -> View {
+    let (_, status) = system.gateway.get_json("/api/v1/status").await;
+    let (processor_ready, ready) = system.processor.get_json("/ready").await;
+    let (ingest_ready, _) = system.ingest.get_json("/ready").await;
+    View {
+        cluster: status["processor"]["stats"]["queue"]["cluster"].clone(),
+        processor_ready,
+        processor_reason: ready["reason"].as_str().unwrap_or("").to_owned(),
+        ingest_ready,
+    }
+}
+
+fn replica<'a>(cluster: &'a Value, name: &str) -> Option<&'a Value> {
+    cluster["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == name)
+}
+
+/// Waits until `check` holds for the reported view; asserts on every view on the way that a
+/// killed node is never reported as the leader.
+async fn wait_view(
+    system: &System,
+    down: &[&str],
+    what: &str,
+    check: impl Fn(&View) -> bool,
+) -> View {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let seen = view(system).await;
+        if let Some(leader) = seen.cluster["leader"].as_str() {
+            assert!(
+                !down.contains(&leader),
+                "status reports killed node {leader} as the stream's leader: {}",
+                seen.cluster
+            );
+        }
+        if check(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never reported; last cluster {} processor /ready {} {:?} ingest /ready {}",
+            seen.cluster,
+            seen.processor_ready,
+            seen.processor_reason,
+            seen.ingest_ready
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_ready_report_the_clusters_state_as_nodes_die_and_return() {
+    let mut cluster = NatsCluster::start().await;
+    let system = start_system(&cluster).await;
+    let names: Vec<String> = (0..cluster.len())
+        .map(|n| cluster.name(n).to_owned())
+        .collect();
+
+    // All three up: the leader JetStream names, two current followers, ready.
+    let leader = leader_node(&cluster).await;
+    let healthy = wait_view(&system, &[], "a healthy cluster", |v| {
+        v.cluster["leader"] == names[leader]
+            && v.cluster["replicas"].as_array().is_some_and(|r| {
+                r.len() == 2
+                    && r.iter()
+                        .all(|r| r["current"] == true && r["offline"] == false)
+            })
+            && v.processor_ready == 200
+            && v.ingest_ready == 200
+    })
+    .await;
+    assert_eq!(
+        healthy.cluster["replicas"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    // A follower dies: still a quorum, so still ready, and the status names it as not current.
+    let follower = (0..cluster.len())
+        .find(|n| *n != leader)
+        .expect("a follower");
+    cluster.kill(follower);
+    let down = [names[follower].as_str()];
+    wait_view(&system, &down, "the dead follower", |v| {
+        replica(&v.cluster, &names[follower])
+            .is_some_and(|r| r["current"] == false || r["offline"] == true)
+            && v.cluster["leader"] == names[leader]
+            && v.processor_ready == 200
+            && v.ingest_ready == 200
+    })
+    .await;
+
+    // The leader dies too: one node of three, no quorum, no leader. Not ready, and the reason
+    // names the stream; the status shows no leader rather than a stale one.
+    cluster.kill(leader);
+    let down = [names[follower].as_str(), names[leader].as_str()];
+    let lost = wait_view(&system, &down, "the lost quorum", |v| {
+        v.processor_ready == 503 && v.ingest_ready == 503 && v.cluster["leader"].is_null()
+    })
+    .await;
+    assert!(
+        lost.processor_reason.contains(STREAM),
+        "/ready names the stream: {:?}",
+        lost.processor_reason
+    );
+
+    // Both come back with their stores: a leader again, every follower current, ready.
+    cluster.restart(leader);
+    cluster.restart(follower);
+    wait_view(&system, &[], "the healed cluster", |v| {
+        v.cluster["leader"].is_string()
+            && v.cluster["replicas"].as_array().is_some_and(|r| {
+                r.len() == 2
+                    && r.iter()
+                        .all(|r| r["current"] == true && r["offline"] == false)
+            })
+            && v.processor_ready == 200
+            && v.ingest_ready == 200
+    })
+    .await;
+    let (code, body) = system
+        .gateway
+        .post_json("/api/v1/ingest", &event_body("healed", 0))
+        .await;
+    assert_eq!(code, 202, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_url_takes_a_server_list_and_connects_past_a_dead_entry() {
+    let server = NatsServer::start();
+    // The first entry is a port nobody listens on: the client must go on to the next.
+    let list = format!("nats://127.0.0.1:{},{}", free_port(), server.url());
+    let run = Spawn::new("run")
+        .env("QUEUE_TYPE", "nats")
+        .env("NATS_URL", &list)
+        .start()
+        .await;
+    let (code, body) = run
+        .post_json("/api/v1/ingest", &event_body("listed", 0))
+        .await;
+    assert_eq!(code, 202, "{body}");
+    run.wait_sink_len(1, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_entry_in_the_nats_server_list_exits_64_naming_it() {
+    let (status, stderr) = Spawn::new("processor")
+        .env("QUEUE_TYPE", "nats")
+        .env("NATS_URL", "nats://127.0.0.1:4222,nats://127.0.0.1:42x2")
+        .run_to_exit(Duration::from_secs(20))
+        .await;
+    assert_eq!(status.code(), Some(64), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("NATS_URL") && stderr.contains("nats://127.0.0.1:42x2"),
+        "the message names the setting and the bad entry: {stderr}"
+    );
+}
