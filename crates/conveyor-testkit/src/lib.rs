@@ -254,8 +254,13 @@ impl NatsCluster {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             for node in (0..self.nodes.len()).filter(|&n| self.is_running(n)) {
+                // "Stream not found" is an answer only a JetStream with a meta leader gives
+                // (before that it says "temporarily unavailable").
                 if let Some(js) = self.jetstream(node).await
-                    && js.query_account().await.is_ok()
+                    && let Err(error) = js.get_stream("conveyor-testkit-probe").await
+                    && let async_nats::jetstream::context::GetStreamErrorKind::JetStream(e) =
+                        error.kind()
+                    && e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
                 {
                     return;
                 }
