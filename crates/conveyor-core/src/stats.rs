@@ -31,6 +31,38 @@ pub struct QueueStats {
     /// Composite: how each backend took the publishes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendStats>,
+    /// NATS: the stream's replication state as JetStream reported it just now; absent when
+    /// the stream info could not be read (no leader answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<StreamCluster>,
+}
+
+/// A replicated stream's RAFT group as JetStream reports it (`StreamInfo.cluster`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamCluster {
+    /// The cluster's name (absent on a single server).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The server name of the stream's leader; `None` while it has none.
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// The other members of the group (the leader is not listed).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStats>,
+}
+
+/// One follower of a replicated stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStats {
+    pub name: String,
+    /// Up to date with the leader.
+    pub current: bool,
+    /// Considered offline by the group.
+    pub offline: bool,
+    /// Milliseconds since the leader last heard from it.
+    pub active_ms: u64,
+    /// Operations it is behind the leader.
+    pub lag: u64,
 }
 
 /// One Kafka partition as the consumer group sees it.

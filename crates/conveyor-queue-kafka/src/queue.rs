@@ -713,7 +713,7 @@ impl Queue for KafkaQueue {
             terminated: counters.terminated.load(Ordering::Relaxed),
             redelivered: counters.redelivered.load(Ordering::Relaxed),
             partitions,
-            backends: Vec::new(),
+            ..QueueStats::default()
         }
     }
 

@@ -22,7 +22,7 @@ pub struct NatsDeadLetters {
 impl NatsDeadLetters {
     /// Creates or finds the DLQ stream on an existing connection.
     pub async fn open(js: Context, config: &NatsConfig) -> Result<Self, String> {
-        js.get_or_create_stream(jetstream::stream::Config {
+        let wanted = jetstream::stream::Config {
             name: config.dlq_stream.clone(),
             subjects: vec![config.dlq_subject.clone()],
             retention: RetentionPolicy::Limits,
@@ -31,14 +31,9 @@ impl NatsDeadLetters {
             storage: config.storage_type(),
             num_replicas: config.replicas,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot create or find DLQ stream '{}': {e}",
-                config.dlq_stream
-            )
-        })?;
+        };
+        // Every processor opens it at start-up, possibly at the same moment.
+        crate::setup::ensure_stream(&js, wanted, "DLQ").await?;
         Ok(NatsDeadLetters {
             js,
             stream_name: config.dlq_stream.clone(),

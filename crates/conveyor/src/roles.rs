@@ -327,6 +327,10 @@ async fn connect_nats(
     dlq_capacity: u64,
 ) -> Result<(NatsQueue, Option<NatsDeadLetters>), Failure> {
     let config = nats_config(args, dlq_capacity);
+    // A bad entry in the server list is configuration, not an outage: exit 64 naming it.
+    config
+        .servers()
+        .map_err(|e| Failure::Config(format!("NATS_URL (--nats-url): {e}")))?;
     let queue = NatsQueue::connect(config.clone())
         .await
         .map_err(|e| Failure::Runtime(anyhow::anyhow!("NATS_URL {}: {e}", config.url)))?;

@@ -13,6 +13,8 @@ mod dlq;
 mod kafka;
 mod load;
 mod nats;
+mod nats_cluster;
+mod nats_race;
 mod observability;
 mod shutdown;
 mod split;
