@@ -8,7 +8,7 @@ use conveyor_proto::v1::{IngestRequest, PublishRequest};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Conveyor, Ledger, accepted_id, assert_error, raw_chunked_post, read_json, sample_event,
+    Conveyor, Expected, accepted_id, assert_error, raw_chunked_post, read_json, sample_event,
     spawn_run, spawn_split, total,
 };
 
@@ -122,14 +122,14 @@ async fn single_event_errors_name_the_problem_and_store_nothing() {
         }
     }
 
-    conveyor.assert_still_serving(Ledger::new()).await;
+    conveyor.assert_still_serving(Expected::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_errors_are_per_line_and_good_lines_are_kept() {
     let conveyor = spawn_run(LIMITS).await;
     let batch = "/api/v1/ingest/batch";
-    let mut ledger = Ledger::new();
+    let mut ledger = Expected::new();
 
     // More events than --max-batch-events: refused as a whole.
     let eleven: Vec<Value> = (0..11)
@@ -234,7 +234,7 @@ async fn batch_errors_are_per_line_and_good_lines_are_kept() {
 async fn grpc_bad_events_are_refused_one_by_one() {
     let conveyor = spawn_run(LIMITS).await;
     let mut client = conveyor.grpc().await;
-    let mut ledger = Ledger::new();
+    let mut ledger = Expected::new();
 
     let empty_source = IngestRequest {
         source: String::new(),
@@ -351,7 +351,7 @@ async fn idempotency_key_makes_resends_harmless() {
     };
     send().await;
     send().await;
-    let mut ledger = Ledger::new();
+    let mut ledger = Expected::new();
     ledger.insert(key.to_owned(), sample.sent.clone());
     conveyor
         .wait_sink_ids(ledger.keys(), std::time::Duration::from_secs(20))

@@ -232,3 +232,50 @@ async fn idle_process_exits_0_on_sigterm_and_keeps_what_it_processed() {
         "sink after shutdown: {counts:?}"
     );
 }
+
+/// A drain that cannot finish in time is cut at `--drain-timeout-secs`: the process exits soon
+/// after the timeout instead of hanging, and says on stderr how much it left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_drain_timeout_bounds_the_exit_and_names_what_was_left() {
+    let mut conveyor = spawn_run(&[
+        "--drain-timeout-secs",
+        "1",
+        "--workers",
+        "1",
+        "--batch-size",
+        "1",
+        "--stage",
+        "cpu:200000",
+    ])
+    .await;
+    for i in 0..200 {
+        let sample = sample_event("left", "drain", i, true);
+        let (code, body) = read_json(
+            conveyor
+                .http()
+                .post(conveyor.url("/api/v1/ingest"))
+                .json(&sample.body)
+                .send()
+                .await
+                .expect("POST /api/v1/ingest"),
+        )
+        .await;
+        assert_eq!(code, 202, "{body}");
+    }
+    let backlog = assert_backlog(&conveyor).await;
+    let started = std::time::Instant::now();
+    conveyor.sigterm();
+    let exit = conveyor.wait_exit(Duration::from_secs(20)).await;
+    let took = started.elapsed();
+    eprintln!("exit {exit:?} {took:?} after SIGTERM with {backlog} events pending");
+    assert!(
+        took < Duration::from_secs(8),
+        "the drain timeout (1 s) bounds the exit: took {took:?}"
+    );
+    let stderr = conveyor.stderr_tail();
+    assert!(
+        stderr.contains("drain timeout reached before the queue was empty")
+            && stderr.contains("left_in_queue"),
+        "the log names what was left:\n{stderr}"
+    );
+}
