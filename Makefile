@@ -1,5 +1,5 @@
 # Task runner; CI runs `make test` through .ci/run.
-.PHONY: demo test lint fmt build bench bench-e2e
+.PHONY: demo test lint fmt build bench bench-e2e soak
 
 ## Run the whole system in one process (memory queue) on :8080 and print where to look.
 demo:
@@ -31,3 +31,9 @@ bench:
 ## End-to-end benchmark: ceiling, run, split, NATS, scaling; appends to BENCHMARKS.md.
 bench-e2e:
 	bash scripts/bench-e2e.sh
+
+## Soak (not in CI): steady open-loop load for SOAK_MINUTES (15) on the memory queue and on NATS;
+## samples RSS, CPU and latency every second and fails on RSS growth or p99 drift after warm-up.
+soak:
+	cargo build --release -p conveyor
+	python3 scripts/soak.py

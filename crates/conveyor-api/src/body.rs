@@ -2,6 +2,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, header};
+use conveyor_core::stats::ReplayRequest;
 use conveyor_core::{ApiError, ErrorCode};
 
 /// The body formats conveyor reads.
@@ -90,4 +91,20 @@ pub async fn read_limited(
             )
         }
     })
+}
+
+/// Reads the optional body of a DLQ replay request (`{"ids": [...]}`; empty: replay all), for
+/// the processor's `/dlq/replay` and the gateway's `/api/v1/dlq/replay` alike.
+pub async fn read_replay_request(
+    headers: &HeaderMap,
+    body: Body,
+    max_body_bytes: usize,
+) -> Result<ReplayRequest, ApiError> {
+    let bytes = read_limited(body, headers, max_body_bytes).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ReplayRequest::default());
+    }
+    content_format(headers, &[BodyFormat::Json])?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::field("ids", format!("expected {{\"ids\": [\"id\", ...]}}: {e}")))
 }

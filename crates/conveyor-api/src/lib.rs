@@ -63,9 +63,10 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
 pub fn grpc_status(error: &ApiError) -> tonic::Status {
     recorded::error_answer(error.code);
     let code = match error.code {
-        ErrorCode::InvalidJson | ErrorCode::InvalidField | ErrorCode::UnsupportedMediaType => {
-            tonic::Code::InvalidArgument
-        }
+        ErrorCode::InvalidJson
+        | ErrorCode::InvalidField
+        | ErrorCode::UnsupportedMediaType
+        | ErrorCode::NestingTooDeep => tonic::Code::InvalidArgument,
         ErrorCode::PayloadTooLarge | ErrorCode::BatchTooLarge => tonic::Code::InvalidArgument,
         ErrorCode::QueueFull => tonic::Code::ResourceExhausted,
         ErrorCode::Unavailable | ErrorCode::ShuttingDown => tonic::Code::Unavailable,
@@ -80,20 +81,44 @@ pub fn grpc_status(error: &ApiError) -> tonic::Status {
 }
 
 /// The inverse of [`grpc_status`], for a client of an upstream conveyor service.
+///
+/// The rule is "unknown fate → 503, never 500" (ARCHITECTURE.md): an answer the upstream gave on
+/// purpose carries its conveyor code as the message prefix ([`grpc_status`]) and keeps it. A
+/// status without that prefix was made by the transport (a connection that broke mid-call, a
+/// deadline, an HTTP/2 reset, a process that died): the upstream may or may not have stored the
+/// events, so the client hears the retryable `unavailable`, and a retry with the same id is safe.
+/// Only the codes that mean "refused before anything was stored" keep a meaning of their own.
 pub fn api_error_from_grpc(status: &tonic::Status) -> ApiError {
-    let code = match status.code() {
-        tonic::Code::InvalidArgument => ErrorCode::InvalidField,
-        tonic::Code::ResourceExhausted => ErrorCode::QueueFull,
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-            ErrorCode::Unavailable
-        }
-        tonic::Code::NotFound => ErrorCode::NotFound,
-        _ => ErrorCode::Internal,
-    };
-    // Keep the upstream's own code when it sent one (see `grpc_status`).
     let message = status.message();
-    let upstream = message.split([':', ' ']).next().and_then(ErrorCode::parse);
-    ApiError::new(upstream.unwrap_or(code), message.to_owned())
+    if let Some(upstream) = message.split([':', ' ']).next().and_then(ErrorCode::parse) {
+        return ApiError::new(upstream, message.to_owned());
+    }
+    let code = match status.code() {
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => ErrorCode::InvalidField,
+        tonic::Code::ResourceExhausted => ErrorCode::QueueFull,
+        tonic::Code::NotFound => ErrorCode::NotFound,
+        // Refused for a reason a retry cannot fix (a version or configuration mismatch between
+        // conveyor services): nothing was stored, and the message says which.
+        tonic::Code::Unimplemented
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated
+        | tonic::Code::AlreadyExists => ErrorCode::Internal,
+        tonic::Code::Ok
+        | tonic::Code::Unknown
+        | tonic::Code::Internal
+        | tonic::Code::Unavailable
+        | tonic::Code::DeadlineExceeded
+        | tonic::Code::Cancelled
+        | tonic::Code::Aborted
+        | tonic::Code::DataLoss => ErrorCode::Unavailable,
+    };
+    let message = if message.is_empty() {
+        format!("upstream call failed ({:?})", status.code())
+    } else {
+        format!("upstream call failed ({:?}): {message}", status.code())
+    };
+    ApiError::new(code, message)
 }
 
 /// Whether this process takes new work. Starts ready; [`Readiness::shut_down`] is one-way.
@@ -237,4 +262,77 @@ pub async fn serve(
 /// A 404 in the common JSON error shape, for unknown paths.
 pub async fn not_found() -> HttpError {
     HttpError(ApiError::new(ErrorCode::NotFound, "no such endpoint"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every gRPC code, as the transport would make it (no conveyor prefix): the fate of the
+    /// call is unknown unless the code says the upstream refused it, and then never a 500
+    /// unless the refusal is a configuration mismatch a retry cannot fix.
+    #[test]
+    fn transport_statuses_map_to_503_unless_the_upstream_refused() {
+        use tonic::Code::*;
+        let table = [
+            (Ok, 503),
+            (Cancelled, 503),
+            (Unknown, 503),
+            (InvalidArgument, 422),
+            (DeadlineExceeded, 503),
+            (NotFound, 404),
+            (AlreadyExists, 500),
+            (PermissionDenied, 500),
+            (ResourceExhausted, 429),
+            (FailedPrecondition, 500),
+            (Aborted, 503),
+            (OutOfRange, 422),
+            (Unimplemented, 500),
+            (Internal, 503),
+            (Unavailable, 503),
+            (DataLoss, 503),
+            (Unauthenticated, 500),
+        ];
+        assert_eq!(table.len(), 17, "every tonic::Code is in the table");
+        for (code, want) in table {
+            let error = api_error_from_grpc(&tonic::Status::new(code, "transport error"));
+            assert_eq!(
+                error.code.http_status(),
+                want,
+                "{code:?} without a conveyor prefix answered {:?}",
+                error.code
+            );
+            assert!(
+                error.message.contains("transport error"),
+                "the message keeps the cause: {}",
+                error.message
+            );
+        }
+    }
+
+    /// The defect seen in split mode: an ingest dying mid-call ends the call with `Unknown`
+    /// and "transport error"; that answer was a 500.
+    #[test]
+    fn a_broken_connection_is_retryable_503_with_retry_after() {
+        let error = api_error_from_grpc(&tonic::Status::unknown("transport error"));
+        assert_eq!(error.code, ErrorCode::Unavailable);
+        let response = HttpError(error).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+    }
+
+    /// Every conveyor code survives the round trip through a gRPC status, whatever gRPC code
+    /// carries it: a deliberate `internal` (a bug upstream) stays a 500.
+    #[test]
+    fn a_conveyor_code_survives_the_grpc_hop() {
+        for code in ErrorCode::ALL {
+            let sent = ApiError::new(code, "why");
+            let received = api_error_from_grpc(&grpc_status(&sent));
+            assert_eq!(
+                received.code, code,
+                "{code:?} came back as {:?}",
+                received.code
+            );
+        }
+    }
 }

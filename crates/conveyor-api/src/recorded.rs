@@ -82,18 +82,7 @@ pub fn received(door: Door, events: usize) {
     RECEIVED[door as usize].fetch_add(events as u64, Ordering::Relaxed);
 }
 
-const CODES: [ErrorCode; 10] = [
-    ErrorCode::InvalidJson,
-    ErrorCode::InvalidField,
-    ErrorCode::UnsupportedMediaType,
-    ErrorCode::PayloadTooLarge,
-    ErrorCode::BatchTooLarge,
-    ErrorCode::QueueFull,
-    ErrorCode::Unavailable,
-    ErrorCode::ShuttingDown,
-    ErrorCode::NotFound,
-    ErrorCode::Internal,
-];
+const CODES: [ErrorCode; ErrorCode::ALL.len()] = ErrorCode::ALL;
 static ERROR_ANSWERS: [AtomicU64; CODES.len()] = [const { AtomicU64::new(0) }; CODES.len()];
 
 /// Counts one request answered with `code` (HTTP error response or gRPC error status).

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// A batch holds more events than the configured limit.
     BatchTooLarge,
+    /// A JSON body or payload nests arrays and objects deeper than the configured limit.
+    NestingTooDeep,
     /// The queue is full; retry after the indicated delay.
     QueueFull,
     /// A dependency (queue, ingest, processor) cannot be reached; retry later.
@@ -31,10 +33,25 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for tables indexed by code (metrics) and for tests that sweep them.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidField,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::BatchTooLarge,
+        ErrorCode::NestingTooDeep,
+        ErrorCode::QueueFull,
+        ErrorCode::Unavailable,
+        ErrorCode::ShuttingDown,
+        ErrorCode::NotFound,
+        ErrorCode::Internal,
+    ];
+
     /// The HTTP status that carries this code.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidJson => 400,
+            ErrorCode::InvalidJson | ErrorCode::NestingTooDeep => 400,
             ErrorCode::InvalidField => 422,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::PayloadTooLarge | ErrorCode::BatchTooLarge => 413,
@@ -60,6 +77,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::BatchTooLarge => "batch_too_large",
+            ErrorCode::NestingTooDeep => "nesting_too_deep",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -75,6 +93,7 @@ impl ErrorCode {
             "unsupported_media_type" => ErrorCode::UnsupportedMediaType,
             "payload_too_large" => ErrorCode::PayloadTooLarge,
             "batch_too_large" => ErrorCode::BatchTooLarge,
+            "nesting_too_deep" => ErrorCode::NestingTooDeep,
             "queue_full" => ErrorCode::QueueFull,
             "unavailable" => ErrorCode::Unavailable,
             "shutting_down" => ErrorCode::ShuttingDown,

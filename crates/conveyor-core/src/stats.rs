@@ -31,9 +31,41 @@ pub struct QueueStats {
     /// Composite: how each backend took the publishes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendStats>,
+    /// NATS: the stream's replication state as JetStream reported it just now; absent when
+    /// the stream info could not be read (no leader answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<StreamCluster>,
     /// Kafka: this process's consumer-group member, once it joined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupMemberStats>,
+}
+
+/// A replicated stream's RAFT group as JetStream reports it (`StreamInfo.cluster`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamCluster {
+    /// The cluster's name (absent on a single server).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The server name of the stream's leader; `None` while it has none.
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// The other members of the group (the leader is not listed).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStats>,
+}
+
+/// One follower of a replicated stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStats {
+    pub name: String,
+    /// Up to date with the leader.
+    pub current: bool,
+    /// Considered offline by the group.
+    pub offline: bool,
+    /// Milliseconds since the leader last heard from it.
+    pub active_ms: u64,
+    /// Operations it is behind the leader.
+    pub lag: u64,
 }
 
 /// A Kafka consumer-group member as it sees itself.
@@ -156,4 +188,26 @@ pub struct ReplayReport {
     pub failed: u64,
     /// Requested ids not found in the DLQ.
     pub not_found: Vec<String>,
+}
+
+/// The query of `GET /dlq` and `GET /api/v1/dlq`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<usize>,
+}
+
+/// How many dead letters a listing shows when the query names no limit.
+pub const DEFAULT_DLQ_LIST_LIMIT: usize = 100;
+
+/// The DLQ listing, as `GET /dlq` and the gateway's `GET /api/v1/dlq` answer it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadLetterList {
+    pub size: u64,
+    pub events: Vec<DeadLetterView>,
+}
+
+/// The body of `POST /dlq/replay`; no body or no `ids` replays everything.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ReplayRequest {
+    pub ids: Option<Vec<String>>,
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::event::{ContentType, Event, EventDraft, Metadata, now_ms};
 
 /// Size limits for the parts of an event. Request bodies are bounded separately, by the HTTP
@@ -17,6 +17,10 @@ pub struct Limits {
     pub max_metadata_key_len: usize,
     pub max_metadata_value_len: usize,
     pub max_payload_bytes: usize,
+    /// Deepest nesting of arrays and objects in a JSON payload. Common readers refuse deeper
+    /// documents (serde_json and Python's `json` stop near 128 levels), so accepting one would
+    /// store an event that nobody downstream can read.
+    pub max_json_depth: usize,
 }
 
 impl Default for Limits {
@@ -28,6 +32,7 @@ impl Default for Limits {
             max_metadata_key_len: 128,
             max_metadata_value_len: 4096,
             max_payload_bytes: 1024 * 1024,
+            max_json_depth: 128,
         }
     }
 }
@@ -113,15 +118,28 @@ pub fn validate_in(
         ));
     }
     match draft.content_type {
-        _ if draft.payload_checked => {}
         ContentType::Json => {
-            if serde_json::from_slice::<&serde_json::value::RawValue>(&draft.payload).is_err() {
+            if !draft.payload_checked
+                && serde_json::from_slice::<&serde_json::value::RawValue>(&draft.payload).is_err()
+            {
                 return Err(ApiError::field(
                     "payload",
                     "payload is declared application/json but is not valid JSON",
                 ));
             }
+            if json_nests_deeper_than(&draft.payload, limits.max_json_depth) {
+                return Err(ApiError {
+                    code: ErrorCode::NestingTooDeep,
+                    message: format!(
+                        "data nests arrays and objects more than {} levels deep \
+                         (CONVEYOR_MAX_JSON_DEPTH)",
+                        limits.max_json_depth
+                    ),
+                    field: Some("data".into()),
+                });
+            }
         }
+        _ if draft.payload_checked => {}
         ContentType::Text => {
             if std::str::from_utf8(&draft.payload).is_err() {
                 return Err(ApiError::field(
@@ -176,6 +194,46 @@ pub fn validate_in(
     })
 }
 
+/// Whether valid JSON `json` nests arrays and objects deeper than `limit`. A byte scan with a
+/// counter (no recursion, no tree, so no stack to overflow whatever the input), skipping string
+/// contents so brackets inside strings do not count; it stops as soon as the limit is passed.
+pub fn json_nests_deeper_than(json: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut at = 0;
+    while let Some(&byte) = json.get(at) {
+        match byte {
+            b'"' => {
+                // Jump from escape to escape to the closing quote.
+                at += 1;
+                loop {
+                    let Some(rest) = json.get(at..) else {
+                        return false;
+                    };
+                    match memchr::memchr2(b'"', b'\\', rest) {
+                        Some(k) if rest[k] == b'\\' => at += k + 2,
+                        Some(k) => {
+                            at += k + 1;
+                            break;
+                        }
+                        None => return false,
+                    }
+                }
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        at += 1;
+    }
+    false
+}
+
 /// Ids are dedupe keys and appear in URLs, logs and broker headers: printable ASCII only.
 fn check_id(id: &str, limits: &Limits) -> Result<(), ApiError> {
     if id.is_empty() {
@@ -221,7 +279,39 @@ mod tests {
     }
 
     use super::*;
-    use crate::ErrorCode;
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn nesting_is_measured_without_counting_brackets_inside_strings() {
+        assert!(!json_nests_deeper_than(nested(128).as_bytes(), 128));
+        assert!(json_nests_deeper_than(nested(129).as_bytes(), 128));
+        assert!(!json_nests_deeper_than(br#"{"a":"[[[[{{{{","b":[1]}"#, 2));
+        assert!(!json_nests_deeper_than(br#"{"a":"\"[[[[","b":"\\"}"#, 1));
+        assert!(json_nests_deeper_than(br#"{"a":"\\","b":[[1]]}"#, 2));
+        assert!(!json_nests_deeper_than(b"\"unterminated [[[", 0));
+        // A million levels: no recursion, so no stack overflow.
+        assert!(json_nests_deeper_than(nested(1_000_000).as_bytes(), 128));
+    }
+
+    #[test]
+    fn a_payload_nested_past_the_limit_is_refused_with_its_own_code() {
+        for checked in [false, true] {
+            let mut d = draft("s");
+            d.payload = bytes::Bytes::from(format!("{{\"x\":{}}}", nested(128)));
+            d.payload_checked = checked;
+            let err = validate(d, &Limits::default()).expect_err("129 levels");
+            assert_eq!(err.code, ErrorCode::NestingTooDeep, "{err:?}");
+            assert_eq!(err.field.as_deref(), Some("data"));
+
+            let mut d = draft("s");
+            d.payload = bytes::Bytes::from(nested(128));
+            d.payload_checked = checked;
+            validate(d, &Limits::default()).expect("128 levels are allowed");
+        }
+    }
 
     fn draft(source: &str) -> EventDraft {
         EventDraft {

@@ -13,7 +13,7 @@ use conveyor_api::recorded;
 use serde::Serialize;
 
 use crate::routes::Gateway;
-use crate::status::{self, SystemStatus};
+use crate::status::SystemStatus;
 
 const PAGE: &str = include_str!("dashboard/index.html");
 
@@ -62,12 +62,7 @@ async fn page() -> impl IntoResponse {
 }
 
 async fn data(State(gateway): State<Gateway>) -> axum::Json<DashboardData> {
-    let status = status::collect(
-        &gateway.ingests,
-        &gateway.processors,
-        gateway.readiness.is_ready(),
-    )
-    .await;
+    let status = gateway.status().await;
     axum::Json(DashboardData {
         now_ms: conveyor_core::now_ms(),
         status,

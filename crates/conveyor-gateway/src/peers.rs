@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use conveyor_core::stats::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ReplayRequest};
 use conveyor_core::stats::{IngestStats, ProcessorStats, ReplayReport};
 use conveyor_ingest::{Ingest, Intake};
 use conveyor_processor::Processor;
-use conveyor_processor::http::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ReplayRequest};
 use conveyor_queue::Health;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;

@@ -6,15 +6,14 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use conveyor_api::body::read_replay_request;
 use conveyor_api::metrics::{self, HttpMetrics};
 use conveyor_api::{HttpError, Readiness, ReadyProbe, service_router};
 use conveyor_core::ApiError;
 use conveyor_core::stats::ReplayReport;
+use conveyor_core::stats::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery};
 use conveyor_ingest::grpc::IngestGrpc;
 use conveyor_ingest::http::{self as ingest_http, HttpLimits};
-use conveyor_processor::http::{
-    DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery, parse_replay_request,
-};
 use futures_util::future::join_all;
 
 use crate::peers::{IngestPeer, ProcessorPeer};
@@ -29,6 +28,19 @@ pub struct Gateway {
     pub readiness: Readiness,
     pub limits: HttpLimits,
     pub metrics: HttpMetrics,
+}
+
+impl Gateway {
+    /// The whole system's status (`/api/v1/status`, the dashboard and the system metrics).
+    pub async fn status(&self) -> status::SystemStatus {
+        status::collect(
+            &self.ingests,
+            &self.processors,
+            self.intake.own_refusals(),
+            self.readiness.is_ready(),
+        )
+        .await
+    }
 }
 
 /// The gateway's HTTP and gRPC routes, on one port.
@@ -71,24 +83,12 @@ pub fn router(gateway: Gateway) -> Router {
 }
 
 async fn system_status(State(gateway): State<Gateway>) -> axum::Json<status::SystemStatus> {
-    axum::Json(
-        status::collect(
-            &gateway.ingests,
-            &gateway.processors,
-            gateway.readiness.is_ready(),
-        )
-        .await,
-    )
+    axum::Json(gateway.status().await)
 }
 
 /// The system-wide figures, from the same aggregation as `/api/v1/status`.
 async fn render_metrics(gateway: Gateway) -> String {
-    let status = status::collect(
-        &gateway.ingests,
-        &gateway.processors,
-        gateway.readiness.is_ready(),
-    )
-    .await;
+    let status = gateway.status().await;
     let mut out = String::with_capacity(4096);
     metrics::render_ingest(&mut out, &status.ingest.stats);
     metrics::render_processor(&mut out, &status.processor.stats);
@@ -135,7 +135,7 @@ async fn list_dead_letters(
 
 /// Replays on every processor; an id is "not found" only if no processor had it.
 async fn replay(State(gateway): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
-    let request = match parse_replay_request(&headers, body, gateway.limits.max_body_bytes).await {
+    let request = match read_replay_request(&headers, body, gateway.limits.max_body_bytes).await {
         Ok(request) => request,
         Err(error) => return HttpError(error).into_response(),
     };

@@ -42,9 +42,12 @@ pub struct SystemStatus {
     pub totals: Totals,
 }
 
+/// `front` is what the gateway refused itself, which no ingest instance reports (see
+/// `Intake::own_refusals`); it joins the ingest sums so `totals.rejected` holds every refusal.
 pub async fn collect(
     ingests: &[Arc<dyn IngestPeer>],
     processors: &[Arc<dyn ProcessorPeer>],
+    front: IngestStats,
     ready: bool,
 ) -> SystemStatus {
     let (ingest_reports, processor_reports) = tokio::join!(
@@ -62,7 +65,7 @@ pub async fn collect(
     let mut instances = Vec::new();
     let ingest = RoleSummary {
         healthy: all_healthy(&ingest_reports),
-        stats: sum_ingest(&ingest_reports),
+        stats: sum_ingest(&ingest_reports, front),
     };
     let processor = RoleSummary {
         healthy: all_healthy(&processor_reports),
@@ -108,8 +111,8 @@ fn push_instances<T: Serialize>(
     }
 }
 
-fn sum_ingest(reports: &[(String, Report<IngestStats>)]) -> IngestStats {
-    let mut sum = IngestStats::default();
+fn sum_ingest(reports: &[(String, Report<IngestStats>)], front: IngestStats) -> IngestStats {
+    let mut sum = front;
     for stats in reports.iter().filter_map(|(_, r)| r.stats.as_ref()) {
         sum.accepted += stats.accepted;
         sum.rejected_invalid += stats.rejected_invalid;

@@ -12,7 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use conveyor_core::{ApiError, Event, EventDraft};
+use conveyor_core::stats::IngestStats;
+use conveyor_core::{ApiError, ErrorCode, Event, EventDraft};
 use conveyor_queue::{Health, PublishError, Published, Publisher};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -104,6 +105,10 @@ impl Intake for CoalescingIntake {
     async fn submit(&self, drafts: Vec<EventDraft>) -> Vec<Result<String, ApiError>> {
         let count = drafts.len();
         let answer = self.coalescer.submit(drafts).await;
+        let missing = count - answer.as_ref().map_or(0, |a| a.len().min(count));
+        if missing > 0 {
+            self.inner.count_refused(ErrorCode::Unavailable, missing);
+        }
         complete(answer, count, || {
             Err(ApiError::unavailable("the intake is shutting down"))
         })
@@ -111,6 +116,14 @@ impl Intake for CoalescingIntake {
 
     async fn health(&self) -> Health {
         self.inner.health().await
+    }
+
+    fn count_refused(&self, code: ErrorCode, events: usize) {
+        self.inner.count_refused(code, events);
+    }
+
+    fn own_refusals(&self) -> IngestStats {
+        self.inner.own_refusals()
     }
 }
 

@@ -57,6 +57,7 @@ impl IngestGrpc {
     ) -> Vec<Result<String, ApiError>> {
         recorded::received(door, requests.len());
         if let Err(error) = self.readiness.check() {
+            self.intake.count_refused(error.code, requests.len());
             return vec![Err(error); requests.len()];
         }
         let drafts = requests.into_iter().map(draft_from_request).collect();
@@ -201,6 +202,8 @@ impl IngestService for IngestGrpc {
         let traceparent = traceparent(&request);
         let events = request.into_inner().events;
         if events.len() > self.max_batch_events {
+            self.intake
+                .count_refused(ErrorCode::BatchTooLarge, events.len());
             return Err(grpc_status(&ApiError::new(
                 ErrorCode::BatchTooLarge,
                 format!("the batch holds more than {} events", self.max_batch_events),
@@ -254,6 +257,7 @@ impl IngestService for IngestGrpc {
                             event: None,
                         }) => {
                             let missing = ApiError::field("event", "the request carries no event");
+                            service.intake.count_refused(missing.code, 1);
                             let ack = PublishAck {
                                 sequence,
                                 message_id: String::new(),

@@ -83,6 +83,18 @@ async fn ingest_one_inner(
     body: Body,
 ) -> Result<String, ApiError> {
     recorded::received(Door::HttpSingle, 1);
+    let draft = read_one(state, headers, body).await.inspect_err(|error| {
+        state.intake.count_refused(error.code, 1);
+    })?;
+    submit_one(state, headers, draft).await
+}
+
+/// The event of a single-event request, or why the door refuses it before intake sees it.
+async fn read_one(
+    state: &IntakeState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<EventDraft, ApiError> {
     state.readiness.check()?;
     content_format(headers, &[BodyFormat::Json])?;
     let idempotency_key = match headers.get("idempotency-key") {
@@ -95,7 +107,14 @@ async fn ingest_one_inner(
         })?),
     };
     let bytes = read_limited(body, headers, state.limits.max_body_bytes).await?;
-    let mut draft = body::parse_event(&bytes, idempotency_key)?;
+    body::parse_event(&bytes, idempotency_key)
+}
+
+async fn submit_one(
+    state: &IntakeState,
+    headers: &HeaderMap,
+    mut draft: EventDraft,
+) -> Result<String, ApiError> {
     let trace = door_trace(headers);
     if let Some(header) = &trace.header {
         draft.headers.insert(TRACEPARENT.to_owned(), header.clone());
@@ -148,7 +167,11 @@ async fn ingest_batch(
 ) -> Response {
     match ingest_batch_inner(&state, &headers, body).await {
         Ok(results) => batch_response(results),
-        Err(error) => HttpError(error).into_response(),
+        Err(error) => {
+            // Refused whole, before its lines were counted: it counts as one.
+            state.intake.count_refused(error.code, 1);
+            HttpError(error).into_response()
+        }
     }
 }
 
@@ -199,7 +222,10 @@ pub async fn submit_parsed(
                 results.push(Ok(String::new()));
                 drafts.push(draft);
             }
-            Err(error) => results.push(Err(error)),
+            Err(error) => {
+                intake.count_refused(error.code, 1);
+                results.push(Err(error));
+            }
         }
     }
     if !drafts.is_empty() {

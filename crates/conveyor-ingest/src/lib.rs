@@ -39,6 +39,19 @@ pub trait Intake: Send + Sync + 'static {
 
     /// Whether events can be accepted now (the queue is reachable).
     async fn health(&self) -> Health;
+
+    /// Counts `events` a door refused with `code` before submitting them (an unreadable body
+    /// or batch line, a wrong content type, a body too large, shutting down), so that
+    /// `totals.rejected` holds every refusal and not only the ones [`Ingest`] decided. A body
+    /// refused whole, whose events were never counted, counts as one.
+    fn count_refused(&self, code: ErrorCode, events: usize);
+
+    /// The refusals counted here that no ingest instance reports in its own stats: a remote
+    /// intake's (the split-mode gateway's door refusals, and calls to ingest that failed).
+    /// The gateway adds them to the ingests' sums.
+    fn own_refusals(&self) -> IngestStats {
+        IngestStats::default()
+    }
 }
 
 /// Validates drafts and publishes them, counting the outcome.
@@ -48,12 +61,46 @@ pub struct Ingest {
     counters: IngestCounters,
 }
 
+/// Accepted and refused events, refusals by reason.
 #[derive(Default)]
-struct IngestCounters {
+pub(crate) struct IngestCounters {
     accepted: AtomicU64,
     rejected_invalid: AtomicU64,
     rejected_full: AtomicU64,
     rejected_unavailable: AtomicU64,
+}
+
+impl IngestCounters {
+    pub(crate) fn refused(&self, code: ErrorCode, events: usize) {
+        let counter = if code == ErrorCode::QueueFull {
+            &self.rejected_full
+        } else if code.is_retryable() {
+            &self.rejected_unavailable
+        } else {
+            &self.rejected_invalid
+        };
+        counter.fetch_add(events as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count(&self, results: &[Result<String, ApiError>]) {
+        for result in results {
+            match result {
+                Ok(_) => {
+                    self.accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => self.refused(error.code, 1),
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> IngestStats {
+        IngestStats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            rejected_invalid: self.rejected_invalid.load(Ordering::Relaxed),
+            rejected_full: self.rejected_full.load(Ordering::Relaxed),
+            rejected_unavailable: self.rejected_unavailable.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Ingest {
@@ -67,26 +114,7 @@ impl Ingest {
     }
 
     pub fn stats(&self) -> IngestStats {
-        let c = &self.counters;
-        IngestStats {
-            accepted: c.accepted.load(Ordering::Relaxed),
-            rejected_invalid: c.rejected_invalid.load(Ordering::Relaxed),
-            rejected_full: c.rejected_full.load(Ordering::Relaxed),
-            rejected_unavailable: c.rejected_unavailable.load(Ordering::Relaxed),
-        }
-    }
-
-    fn count(&self, results: &[Result<String, ApiError>]) {
-        let c = &self.counters;
-        for result in results {
-            let counter = match result {
-                Ok(_) => &c.accepted,
-                Err(e) if e.code == ErrorCode::QueueFull => &c.rejected_full,
-                Err(e) if e.code.is_retryable() => &c.rejected_unavailable,
-                Err(_) => &c.rejected_invalid,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
+        self.counters.snapshot()
     }
 }
 
@@ -129,12 +157,16 @@ impl Intake for Ingest {
                 spans.finish();
             }
         }
-        self.count(&results);
+        self.counters.count(&results);
         results
     }
 
     async fn health(&self) -> Health {
         self.publisher.health().await
+    }
+
+    fn count_refused(&self, code: ErrorCode, events: usize) {
+        self.counters.refused(code, events);
     }
 }
 

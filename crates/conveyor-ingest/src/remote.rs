@@ -9,16 +9,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use conveyor_api::api_error_from_grpc;
-use conveyor_core::{ApiError, EventDraft};
+use conveyor_core::stats::IngestStats;
+use conveyor_core::{ApiError, ErrorCode, EventDraft};
 use conveyor_proto::v1::ingest_service_client::IngestServiceClient;
 use conveyor_proto::v1::{IngestBatchRequest, IngestRequest};
 use conveyor_queue::Health;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::Intake;
+use crate::{IngestCounters, Intake};
 
 pub struct RemoteIntake {
     endpoints: Vec<(String, IngestServiceClient<Channel>)>,
+    /// What this gateway refused itself: no ingest saw these events, so none counts them.
+    refusals: IngestCounters,
     next: AtomicUsize,
     /// For readiness: asks each ingest's `/ready`.
     probe: reqwest::Client,
@@ -46,6 +49,7 @@ impl RemoteIntake {
         }
         Ok(RemoteIntake {
             endpoints,
+            refusals: IngestCounters::default(),
             next: AtomicUsize::new(0),
             probe: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(1))
@@ -72,9 +76,13 @@ fn to_request(draft: EventDraft) -> IngestRequest {
     }
 }
 
-#[async_trait]
-impl Intake for RemoteIntake {
-    async fn submit(&self, drafts: Vec<EventDraft>) -> Vec<Result<String, ApiError>> {
+impl RemoteIntake {
+    /// One batch to one ingest, failing over while endpoints are unreachable. `Err` when no
+    /// ingest took the call (or its fate is unknown): then no ingest counted these events.
+    async fn call(
+        &self,
+        drafts: Vec<EventDraft>,
+    ) -> Result<Vec<Result<String, ApiError>>, ApiError> {
         let count = drafts.len();
         let request = IngestBatchRequest {
             events: drafts.into_iter().map(to_request).collect(),
@@ -87,21 +95,20 @@ impl Intake for RemoteIntake {
                 Ok(answer) => {
                     let results = answer.into_inner().results;
                     if results.len() != count {
-                        return vec![
-                            Err(ApiError::internal(format!(
-                                "ingest {url} answered {} results for {count} events",
-                                results.len()
-                            )));
-                            count
-                        ];
+                        // Which of them the ingest stored is unknown: retryable (ARCHITECTURE.md,
+                        // "unknown fate → 503").
+                        return Err(ApiError::unavailable(format!(
+                            "ingest {url} answered {} results for {count} events",
+                            results.len()
+                        )));
                     }
-                    return results
+                    return Ok(results
                         .into_iter()
                         .map(|result| match result.error {
                             None => Ok(result.message_id),
                             Some(detail) => Err(detail.into()),
                         })
-                        .collect();
+                        .collect());
                 }
                 // Only "could not reach it" moves on to the next endpoint: any other answer
                 // means the ingest saw the request, and retrying elsewhere could duplicate work.
@@ -112,10 +119,35 @@ impl Intake for RemoteIntake {
                         status.message()
                     ));
                 }
-                Err(status) => return vec![Err(api_error_from_grpc(&status)); count],
+                Err(status) => {
+                    tracing::warn!(ingest = %url, code = ?status.code(), error = %status.message(), "ingest call failed");
+                    return Err(api_error_from_grpc(&status));
+                }
             }
         }
-        vec![Err(last_error); count]
+        Err(last_error)
+    }
+}
+
+#[async_trait]
+impl Intake for RemoteIntake {
+    async fn submit(&self, drafts: Vec<EventDraft>) -> Vec<Result<String, ApiError>> {
+        let count = drafts.len();
+        match self.call(drafts).await {
+            Ok(results) => results,
+            Err(error) => {
+                self.refusals.refused(error.code, count);
+                vec![Err(error); count]
+            }
+        }
+    }
+
+    fn count_refused(&self, code: ErrorCode, events: usize) {
+        self.refusals.refused(code, events);
+    }
+
+    fn own_refusals(&self) -> IngestStats {
+        self.refusals.snapshot()
     }
 
     /// Healthy while at least one ingest answers its `/ready`: requests fail over to it. With

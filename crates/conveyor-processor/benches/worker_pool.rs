@@ -9,11 +9,11 @@ use std::alloc::System;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conveyor_processor::dlq::MemoryDeadLetters;
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::sink::BlackholeSink;
 use conveyor_processor::{Processor, ProcessorConfig};
 use conveyor_queue::conformance::event;
+use conveyor_queue::dlq::MemoryDeadLetters;
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
 use criterion::{Criterion, Throughput, criterion_group};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};

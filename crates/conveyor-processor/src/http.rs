@@ -9,17 +9,16 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use conveyor_api::body::{BodyFormat, content_format, read_limited};
+use conveyor_api::body::{BodyFormat, content_format, read_limited, read_replay_request};
 use conveyor_api::recorded::{self, Door};
 use conveyor_api::{HttpError, Readiness};
-use conveyor_core::stats::DeadLetterView;
+use conveyor_core::stats::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery};
 use conveyor_core::{
     ApiError, BatchContext, ErrorCode, EventDraft, Limits, body, validate, validate_in,
 };
 use conveyor_proto::v1;
 use conveyor_queue::{Health, PublishError};
 use prost::Message;
-use serde::{Deserialize, Serialize};
 
 use crate::Processor;
 
@@ -146,26 +145,6 @@ async fn stats(State(state): State<ProcessorState>) -> Response {
         .into_response()
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
-    pub limit: Option<usize>,
-}
-
-/// The DLQ listing, as `GET /dlq` and the gateway's `GET /api/v1/dlq` answer it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DeadLetterList {
-    pub size: u64,
-    pub events: Vec<DeadLetterView>,
-}
-
-/// The body of `POST /dlq/replay`; no body or no `ids` replays everything.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct ReplayRequest {
-    pub ids: Option<Vec<String>>,
-}
-
-pub const DEFAULT_DLQ_LIST_LIMIT: usize = 100;
-
 async fn list_dead_letters(
     State(state): State<ProcessorState>,
     Query(query): Query<ListQuery>,
@@ -179,24 +158,9 @@ async fn list_dead_letters(
 }
 
 async fn replay(State(state): State<ProcessorState>, headers: HeaderMap, body: Body) -> Response {
-    let request = match parse_replay_request(&headers, body, state.max_body_bytes).await {
+    let request = match read_replay_request(&headers, body, state.max_body_bytes).await {
         Ok(request) => request,
         Err(error) => return HttpError(error).into_response(),
     };
     axum::Json(state.processor.replay(request.ids.as_deref()).await).into_response()
-}
-
-/// Reads an optional replay request body.
-pub async fn parse_replay_request(
-    headers: &HeaderMap,
-    body: Body,
-    max_body_bytes: usize,
-) -> Result<ReplayRequest, ApiError> {
-    let bytes = read_limited(body, headers, max_body_bytes).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(ReplayRequest::default());
-    }
-    content_format(headers, &[BodyFormat::Json])?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::field("ids", format!("expected {{\"ids\": [\"id\", ...]}}: {e}")))
 }

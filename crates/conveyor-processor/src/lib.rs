@@ -9,7 +9,6 @@
 //! A bounded window of processed ids ([`seen::SeenIds`]) keeps a redelivered event that was
 //! already written from being written twice.
 
-pub mod dlq;
 pub mod http;
 pub mod pipeline;
 pub mod pool;

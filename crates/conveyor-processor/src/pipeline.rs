@@ -341,6 +341,27 @@ mod tests {
     }
 
     #[test]
+    fn the_json_stage_passes_json_payloads_and_fails_the_rest_naming_why() {
+        let pipeline = Pipeline::parse(&["json".into()]).expect("valid");
+        for payload in [r#"{"t":1}"#, "[1,2]", "3", r#""text""#] {
+            assert!(
+                matches!(pipeline.run(event(payload, &[])), Outcome::Passed(_)),
+                "{payload} is JSON"
+            );
+        }
+        for payload in ["{oops", "", "temperature:23.5"] {
+            let Outcome::Failed(failed) = pipeline.run(event(payload, &[])) else {
+                panic!("{payload:?} is not JSON");
+            };
+            assert!(
+                failed.error.contains("not valid JSON"),
+                "{payload:?}: {}",
+                failed.error
+            );
+        }
+    }
+
+    #[test]
     fn fail_if_matches_metadata() {
         let pipeline = Pipeline::parse(&["fail-if:poison=yes".into()]).expect("valid");
         assert!(matches!(

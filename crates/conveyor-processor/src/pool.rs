@@ -22,10 +22,10 @@ use conveyor_queue::{Consumer, Delivery, Handle, Health, Queue, Settlement};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::dlq::{DeadLetter, DeadLetterQueue};
 use crate::pipeline::{Failed, Outcome, Pipeline};
 use crate::seen::{Claim, SeenIds};
 use crate::sink::Sink;
+use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue};
 
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -285,6 +285,14 @@ impl Processor {
                     }
                 }
             }
+        }
+        let released = consumer.release().await;
+        if released > 0 {
+            tracing::info!(
+                worker,
+                released,
+                "gave back prefetched deliveries for other consumers"
+            );
         }
         tracing::debug!(worker, "worker stopped");
     }
@@ -601,8 +609,8 @@ fn record_spans<'a>(start_ns: u64, events: impl Iterator<Item = (&'a Event, Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlq::MemoryDeadLetters;
     use crate::sink::FileSink;
+    use conveyor_queue::dlq::MemoryDeadLetters;
     use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
 
     #[test]

@@ -253,14 +253,18 @@ pub struct StdoutSink;
 impl Sink for StdoutSink {
     async fn write(&self, events: &[Event], processed_at_ms: u64) -> Result<(), SinkError> {
         let bytes = render(events, processed_at_ms);
-        let mut stdout = std::io::stdout().lock();
-        stdout
-            .write_all(&bytes)
-            .and_then(|()| stdout.flush())
-            .map_err(|e| SinkError {
-                sink: "stdout".into(),
-                message: e.to_string(),
-            })
+        let failed = |message: String| SinkError {
+            sink: "stdout".into(),
+            message,
+        };
+        // A pipe whose reader is slow blocks the write: off the runtime, like the file sink.
+        tokio::task::spawn_blocking(move || {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&bytes).and_then(|()| stdout.flush())
+        })
+        .await
+        .map_err(|e| failed(format!("the write task failed: {e}")))?
+        .map_err(|e| failed(e.to_string()))
     }
 
     fn describe(&self) -> String {

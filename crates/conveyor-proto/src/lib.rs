@@ -5,7 +5,7 @@
 #![allow(clippy::all)]
 
 pub mod v1 {
-    tonic::include_proto!("conveyor.v1");
+    include!(concat!(env!("OUT_DIR"), "/conveyor.v1.rs"));
 }
 
 mod convert;

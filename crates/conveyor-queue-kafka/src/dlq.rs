@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use conveyor_proto::v1;
+use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use prost::Message as _;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};

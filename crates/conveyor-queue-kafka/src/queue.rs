@@ -771,7 +771,6 @@ impl Queue for KafkaQueue {
             terminated: counters.terminated.load(Ordering::Relaxed),
             redelivered: counters.redelivered.load(Ordering::Relaxed),
             partitions,
-            backends: Vec::new(),
             group: member.map(|m| {
                 let mut assigned: Vec<i32> = local.keys().copied().collect();
                 assigned.sort_unstable();
@@ -781,6 +780,7 @@ impl Queue for KafkaQueue {
                     stalls: counters.stalls.load(Ordering::Relaxed),
                 }
             }),
+            ..QueueStats::default()
         }
     }
 

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue};
 use conveyor_queue::composite::{CompositeQueue, Strategy};
 use conveyor_queue::conformance::{Guarded, event, fetch_n};
+use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue};
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig, Publisher, Queue};
 use conveyor_testkit::KafkaBroker;
 

@@ -1,9 +1,12 @@
 use std::time::Duration;
 
+use async_nats::ServerAddr;
+
 /// Where the stream lives and how it behaves.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// Server URL(s), comma-separated (the seed's `NATS_URL`).
+    /// Server URL(s), comma-separated (the seed's `NATS_URL`): one server, or seed servers of
+    /// a cluster (`nats://a:4222,nats://b:4222`). See [`NatsConfig::servers`].
     pub url: String,
     pub stream: String,
     pub subject: String,
@@ -56,6 +59,11 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
+    /// The servers `url` names, each entry checked on its own so that a bad one is named.
+    pub fn servers(&self) -> Result<Vec<ServerAddr>, String> {
+        parse_servers(&self.url)
+    }
+
     /// JetStream storage for the streams conveyor creates.
     pub(crate) fn storage_type(&self) -> async_nats::jetstream::stream::StorageType {
         if self.file_storage {
@@ -63,5 +71,72 @@ impl NatsConfig {
         } else {
             async_nats::jetstream::stream::StorageType::Memory
         }
+    }
+}
+
+/// Parses a comma-separated server list. The client's own parser takes one URL only (a list
+/// fails as "invalid port number" on the text after the first comma), so each entry is parsed
+/// alone; an entry without a scheme is taken as `nats://` and one without a port as 4222, as the
+/// client does for a single URL.
+pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, String> {
+    let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+    let mut servers = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let at = || {
+            if entries.len() == 1 {
+                String::new()
+            } else {
+                format!(" (entry {} of {})", index + 1, entries.len())
+            }
+        };
+        if entry.is_empty() {
+            return Err(format!(
+                "empty server entry{} in {list:?}; expected e.g. nats://a:4222,nats://b:4222",
+                at()
+            ));
+        }
+        let server: ServerAddr = entry
+            .parse()
+            .map_err(|e| format!("bad server {entry:?}{}: {e}", at()))?;
+        if server.host().is_empty() {
+            return Err(format!("bad server {entry:?}{}: no host", at()));
+        }
+        servers.push(server);
+    }
+    Ok(servers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_servers;
+
+    #[test]
+    fn a_comma_separated_list_names_every_server() {
+        let servers = parse_servers("nats://a:4222, nats://b:4223,c").expect("a valid list");
+        let named: Vec<(String, u16)> = servers
+            .iter()
+            .map(|s| (s.host().to_owned(), s.port()))
+            .collect();
+        assert_eq!(
+            named,
+            [("a".into(), 4222), ("b".into(), 4223), ("c".into(), 4222)]
+        );
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_with_its_position() {
+        let error =
+            parse_servers("nats://a:4222,nats://b:42x2,nats://c:4222").expect_err("a bad list");
+        assert!(
+            error.contains("\"nats://b:42x2\"") && error.contains("entry 2 of 3"),
+            "{error}"
+        );
+        let error = parse_servers("nats://a:4222,,nats://c:4222").expect_err("a bad list");
+        assert!(
+            error.contains("empty server entry (entry 2 of 3)"),
+            "{error}"
+        );
+        let error = parse_servers("http://a:4222").expect_err("a bad list");
+        assert!(error.contains("invalid scheme"), "{error}");
     }
 }

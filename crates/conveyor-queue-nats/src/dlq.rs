@@ -7,8 +7,8 @@ use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, Stream};
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_processor::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use conveyor_proto::v1;
+use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue, ids_not_taken};
 use prost::Message;
 
 use crate::NatsConfig;
@@ -22,7 +22,7 @@ pub struct NatsDeadLetters {
 impl NatsDeadLetters {
     /// Creates or finds the DLQ stream on an existing connection.
     pub async fn open(js: Context, config: &NatsConfig) -> Result<Self, String> {
-        js.get_or_create_stream(jetstream::stream::Config {
+        let wanted = jetstream::stream::Config {
             name: config.dlq_stream.clone(),
             subjects: vec![config.dlq_subject.clone()],
             retention: RetentionPolicy::Limits,
@@ -31,14 +31,9 @@ impl NatsDeadLetters {
             storage: config.storage_type(),
             num_replicas: config.replicas,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot create or find DLQ stream '{}': {e}",
-                config.dlq_stream
-            )
-        })?;
+        };
+        // Every processor opens it at start-up, possibly at the same moment.
+        crate::setup::ensure_stream(&js, wanted, "DLQ").await?;
         Ok(NatsDeadLetters {
             js,
             stream_name: config.dlq_stream.clone(),

@@ -20,14 +20,21 @@
 //!   raw event: its payload as bytes, id from `Nats-Msg-Id` (else the stream sequence), source
 //!   from the `Conveyor-Source` header (else the subject).
 //!
+//! - **Set-up** (the streams and the durable consumer) converges when several roles create them
+//!   at once, and checks what it finds (`setup`). `url` may list several servers (a cluster).
+//! - **Health** needs more than a connection: the stream must have a leader and a quorum of
+//!   current replicas; `stats` carries the stream's cluster state (`cluster`).
+//!
 //! What is not promised here: durability under power loss is the broker's own (JetStream file
 //! storage syncs to disk on its own schedule; use replicas for more).
 
+mod cluster;
 mod config;
 mod dlq;
 mod queue;
+mod setup;
 
-pub use config::NatsConfig;
+pub use config::{NatsConfig, parse_servers};
 pub use dlq::NatsDeadLetters;
 pub use queue::NatsQueue;
 

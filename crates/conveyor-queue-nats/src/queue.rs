@@ -23,7 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 use prost::Message;
 use tokio::sync::Semaphore;
 
-use crate::NatsConfig;
+use crate::{NatsConfig, cluster, setup};
 
 /// Header marking a message as a protobuf `conveyor.v1.Event`.
 pub(crate) const ENCODING_HEADER: &str = "Conveyor-Encoding";
@@ -53,8 +53,20 @@ struct Counters {
     terminated: AtomicU64,
 }
 
-/// Connects to the server(s), retrying for up to `connect_within`.
-pub(crate) async fn connect(url: &str, connect_within: Duration) -> Result<Client, String> {
+/// Connects to the server(s), retrying for up to `connect_within`. With several servers (a
+/// cluster's seeds) the client tries each, and later reconnects to any of them or to the
+/// cluster members the servers announce.
+pub(crate) async fn connect(
+    servers: &[async_nats::ServerAddr],
+    connect_within: Duration,
+) -> Result<Client, String> {
+    let named = || {
+        servers
+            .iter()
+            .map(|s| s.as_url_str().trim_end_matches('/'))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let deadline = tokio::time::Instant::now() + connect_within;
     loop {
         let attempt = async_nats::ConnectOptions::new()
@@ -62,53 +74,29 @@ pub(crate) async fn connect(url: &str, connect_within: Duration) -> Result<Clien
             .connection_timeout(Duration::from_secs(2))
             // After start-up the client reconnects for ever; publishes fail fast meanwhile.
             .max_reconnects(None)
-            .connect(url)
+            .connect(servers.to_vec())
             .await;
         match attempt {
             Ok(client) => return Ok(client),
             Err(error) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(%url, %error, "cannot reach NATS yet; retrying");
+                tracing::warn!(servers = %named(), %error, "cannot reach NATS yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(error) => return Err(format!("cannot connect to NATS at {url}: {error}")),
+            Err(error) => return Err(format!("cannot connect to NATS at {}: {error}", named())),
         }
     }
 }
 
 impl NatsQueue {
     /// Connects, and creates the stream and the durable consumer or checks the existing ones.
+    /// Several roles may do this at the same moment against a fresh server; see `setup`.
     pub async fn connect(config: NatsConfig) -> Result<NatsQueue, String> {
-        let client = connect(&config.url, Duration::from_secs(30)).await?;
+        let servers = config.servers()?;
+        let client = connect(&servers, Duration::from_secs(30)).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.publish_timeout);
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![config.subject.clone()],
-                retention: RetentionPolicy::WorkQueue,
-                max_messages: config.capacity,
-                discard: DiscardPolicy::New,
-                storage: config.storage_type(),
-                num_replicas: config.replicas,
-                duplicate_window: config.duplicate_window,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot create or find stream '{}': {e}", config.stream))?;
-        let existing = &stream.cached_info().config;
-        if existing.retention != RetentionPolicy::WorkQueue
-            || !existing.subjects.iter().any(|s| s == &config.subject)
-        {
-            return Err(format!(
-                "stream '{}' exists with another shape (retention {:?}, subjects {:?}); conveyor needs \
-                 work-queue retention on subject '{}'",
-                config.stream, existing.retention, existing.subjects, config.subject
-            ));
-        }
-        stream
-            .get_or_create_consumer::<pull::Config>(&config.consumer, consumer_config(&config))
-            .await
-            .map_err(|e| format!("cannot create or find consumer '{}': {e}", config.consumer))?;
+        let stream = setup::ensure_stream(&js, stream_config(&config), "work-queue").await?;
+        setup::ensure_consumer(&js, &stream, consumer_config(&config)).await?;
         Ok(NatsQueue {
             inner: Arc::new(Inner {
                 in_flight: Arc::new(Semaphore::new(config.max_in_flight_publishes.max(1))),
@@ -133,6 +121,20 @@ impl NatsQueue {
         &self.inner.config
     }
 
+    /// The stream's info, asked of its leader; `Err` names why there is none within
+    /// `INFO_WITHIN` (while the stream has no leader nobody answers).
+    async fn stream_info(&self) -> Result<jetstream::stream::Info, String> {
+        let name = &self.inner.config.stream;
+        match tokio::time::timeout(cluster::INFO_WITHIN, self.inner.js.get_stream(name)).await {
+            Ok(Ok(stream)) => Ok(stream.cached_info().clone()),
+            Ok(Err(error)) => Err(format!("stream '{name}' info: {error}")),
+            Err(_) => Err(format!(
+                "stream '{name}' info unanswered within {:?}: the stream has no leader, or JetStream is unavailable",
+                cluster::INFO_WITHIN
+            )),
+        }
+    }
+
     fn connected(&self) -> bool {
         self.inner.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -145,10 +147,23 @@ impl NatsQueue {
             .get_stream(&config.stream)
             .await
             .map_err(|e| QueueError::Unavailable(format!("stream '{}': {e}", config.stream)))?;
-        stream
-            .get_or_create_consumer::<pull::Config>(&config.consumer, consumer_config(config))
+        setup::ensure_consumer(&self.inner.js, &stream, consumer_config(config))
             .await
-            .map_err(|e| QueueError::Unavailable(format!("consumer '{}': {e}", config.consumer)))
+            .map_err(QueueError::Unavailable)
+    }
+}
+
+fn stream_config(config: &NatsConfig) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![config.subject.clone()],
+        retention: RetentionPolicy::WorkQueue,
+        max_messages: config.capacity,
+        discard: DiscardPolicy::New,
+        storage: config.storage_type(),
+        num_replicas: config.replicas,
+        duplicate_window: config.duplicate_window,
+        ..Default::default()
     }
 }
 
@@ -283,14 +298,22 @@ impl Publisher for NatsQueue {
 
     async fn health(&self) -> Health {
         if self.inner.closed.load(Ordering::Acquire) {
-            Health::Unhealthy("closed for publishing (shutting down)".into())
-        } else if self.connected() {
-            Health::Healthy
-        } else {
-            Health::Unhealthy(format!(
+            return Health::Unhealthy("closed for publishing (shutting down)".into());
+        }
+        if !self.connected() {
+            return Health::Unhealthy(format!(
                 "not connected to NATS at {}",
                 self.inner.config.url
-            ))
+            ));
+        }
+        // Connected is not enough on a cluster: the stream needs a leader and a quorum to
+        // confirm a publish.
+        match self.stream_info().await {
+            Err(reason) => Health::Unhealthy(reason),
+            Ok(info) => match cluster::problem(&self.inner.config.stream, info.cluster.as_ref()) {
+                Some(reason) => Health::Unhealthy(reason),
+                None => Health::Healthy,
+            },
         }
     }
 }
@@ -298,18 +321,10 @@ impl Publisher for NatsQueue {
 #[async_trait]
 impl Queue for NatsQueue {
     async fn subscribe(&self) -> Result<Box<dyn Consumer>, QueueError> {
-        let consumer = self.consumer().await?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.inner.config.fetch_batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| QueueError::Unavailable(format!("cannot start pulling: {e}")))?;
         Ok(Box::new(NatsConsumer {
             queue: self.clone(),
-            messages,
+            consumer: self.consumer().await?,
+            pull: None,
         }))
     }
 
@@ -326,12 +341,20 @@ impl Queue for NatsQueue {
             ..QueueStats::default()
         };
         let config = &self.inner.config;
-        if let Ok(mut stream) = self.inner.js.get_stream(&config.stream).await {
-            if let Ok(info) = stream.info().await {
-                stats.published = info.state.last_sequence;
-            }
-            if let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&config.consumer).await
-                && let Ok(info) = consumer.info().await
+        // Each request bounded: while the stream has no leader nobody answers, and a status
+        // page must still answer (without the figures only the leader knows).
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            cluster::INFO_WITHIN,
+            self.inner.js.get_stream(&config.stream),
+        )
+        .await
+        {
+            let info = stream.cached_info();
+            stats.published = info.state.last_sequence;
+            stats.cluster = info.cluster.as_ref().map(cluster::stream_cluster);
+            if let Ok(Ok(info)) =
+                tokio::time::timeout(cluster::INFO_WITHIN, stream.consumer_info(&config.consumer))
+                    .await
             {
                 stats.size = info.num_pending;
                 stats.in_flight = info.num_ack_pending as u64;
@@ -354,9 +377,18 @@ impl Queue for NatsQueue {
     }
 }
 
+/// How long one pull request stays open on the server. Short, so that a stopping consumer
+/// sees its last request end soon (see [`NatsConsumer::release`]); while a backlog exists a
+/// request ends sooner, when its batch is delivered.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// One worker's pulls: at most one pull request (a batch of up to `fetch_batch` messages) open
+/// at a time, so what the server may still send this consumer is always known and bounded.
 struct NatsConsumer {
     queue: NatsQueue,
-    messages: pull::Stream,
+    consumer: PullConsumer,
+    /// The open pull request and the messages it has brought that were not handed out yet.
+    pull: Option<pull::Batch>,
 }
 
 impl NatsConsumer {
@@ -375,29 +407,89 @@ impl NatsConsumer {
             }),
         )
     }
+
+    /// The open pull request, opening one when none is.
+    async fn pull(&mut self) -> Result<&mut pull::Batch, QueueError> {
+        if self.pull.is_none() {
+            let batch = self
+                .consumer
+                .batch()
+                .max_messages(self.queue.inner.config.fetch_batch)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
+                .map_err(|e| QueueError::Unavailable(format!("cannot pull: {e}")))?;
+            self.pull = Some(batch);
+        }
+        self.pull
+            .as_mut()
+            .ok_or_else(|| QueueError::Unavailable("no pull request".into()))
+    }
 }
 
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let first = match tokio::time::timeout(wait, self.messages.next()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(None) => return Err(QueueError::Unavailable("the pull stream ended".into())),
-            Ok(Some(Err(error))) => {
-                return Err(QueueError::Unavailable(format!("pulling failed: {error}")));
+        let deadline = tokio::time::Instant::now() + wait;
+        let first = loop {
+            let pull = self.pull().await?;
+            match tokio::time::timeout_at(deadline, pull.next()).await {
+                // The request stays open for the next fetch.
+                Err(_) => return Ok(Vec::new()),
+                // The request ended (delivered its batch, or expired): open the next one.
+                Ok(None) => self.pull = None,
+                Ok(Some(Err(error))) => {
+                    self.pull = None;
+                    return Err(QueueError::Unavailable(format!("pulling failed: {error}")));
+                }
+                Ok(Some(Ok(message))) => break message,
             }
-            Ok(Some(Ok(message))) => message,
         };
         let mut deliveries = Vec::with_capacity(max.min(self.queue.inner.config.fetch_batch));
         deliveries.push(self.delivery(first));
         // Take whatever else has already arrived, without waiting.
         while deliveries.len() < max {
-            match self.messages.next().now_or_never() {
+            let Some(pull) = self.pull.as_mut() else {
+                break;
+            };
+            match pull.next().now_or_never() {
                 Some(Some(Ok(message))) => deliveries.push(self.delivery(message)),
+                Some(None) => self.pull = None,
                 _ => break,
             }
         }
         Ok(deliveries)
+    }
+
+    /// Waits for the open pull request to end (its batch delivered, or [`PULL_EXPIRES`]),
+    /// keeping what it brings, then `-NAK`s all of it without delay. The order matters: a
+    /// message NAKed while this consumer still has a request open would be redelivered to it,
+    /// and a message sent to a request that is given up waits out AckWait.
+    async fn release(&mut self) -> usize {
+        let Some(mut pull) = self.pull.take() else {
+            return 0;
+        };
+        let mut held = Vec::new();
+        let until = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+        while let Ok(Some(Ok(message))) = tokio::time::timeout_at(until, pull.next()).await {
+            held.push(message);
+        }
+        drop(pull);
+        let mut released = 0;
+        for message in held {
+            match message.ack_with(AckKind::Nak(None)).await {
+                Ok(()) => released += 1,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot give back a prefetched message; the broker redelivers it after AckWait")
+                }
+            }
+        }
+        self.queue
+            .inner
+            .counters
+            .nacked
+            .fetch_add(released as u64, Ordering::Relaxed);
+        released
     }
 }
 

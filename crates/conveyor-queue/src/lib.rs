@@ -17,6 +17,7 @@
 
 pub mod composite;
 pub mod dedupe;
+pub mod dlq;
 pub mod memory;
 
 #[cfg(feature = "conformance")]
@@ -128,6 +129,14 @@ pub trait Queue: Publisher {
 pub trait Consumer: Send {
     /// Waits up to `wait` for deliveries and returns between 0 and `max` of them.
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
+
+    /// Gives back, without delay, what this consumer holds but has not handed out (a broker
+    /// client's prefetch), so another consumer gets it at once instead of after the broker's
+    /// redelivery deadline. A worker calls it when it stops; the consumer is dropped after.
+    /// Returns how many deliveries were given back. Nothing to give back by default.
+    async fn release(&mut self) -> usize {
+        0
+    }
 }
 
 /// How a delivery was settled.

@@ -2,7 +2,8 @@
 //!
 //! [`NatsServer`] starts a private `nats-server -js` on a free port with its own store
 //! directory, so tests never share a broker, a stream or a port, and kills it on drop;
-//! [`KafkaBroker`] does the same with a tansu broker (Kafka protocol, in-memory storage). A test
+//! [`NatsCluster`] starts three of them routed into one JetStream cluster (for replicated
+//! streams and node loss); [`KafkaBroker`] does the same with a tansu broker (Kafka protocol, in-memory storage). A test
 //! that cannot find the binary fails with a message saying how to get it: there is no silent
 //! skip.
 
@@ -103,6 +104,215 @@ fn wait_for_port(port: u16, timeout: Duration) {
             "the broker did not listen on port {port} within {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A three-node `nats-server -js` cluster for one test: each node has its own client port,
+/// cluster (route) port, server name and store directory, and routes to the other two. Nodes
+/// can be SIGKILLed and restarted with their store, one at a time or several; all are killed on
+/// drop. Each node logs to `server.log` in its directory ([`NatsCluster::log_tail`]), which is
+/// what a failing test wants to see.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    binary: PathBuf,
+    name: String,
+}
+
+struct ClusterNode {
+    name: String,
+    port: u16,
+    route_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until JetStream has elected its meta leader (before that,
+    /// the cluster refuses to create streams).
+    pub async fn start() -> NatsCluster {
+        let binary = find_nats_server();
+        let name = format!("conveyor-test-{}", free_port());
+        let nodes = (0..3)
+            .map(|i| ClusterNode {
+                name: format!("n{i}"),
+                port: free_port(),
+                route_port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir for a cluster node"),
+                child: None,
+            })
+            .collect();
+        let mut cluster = NatsCluster {
+            nodes,
+            binary,
+            name,
+        };
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i);
+        }
+        cluster.wait_for_jetstream().await;
+        cluster
+    }
+
+    /// Every node's client URL, comma-separated (what `NATS_URL` takes for a cluster).
+    pub fn urls(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn url(&self, node: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[node].port)
+    }
+
+    /// The server name of node `node` (what JetStream reports as leader or replica).
+    pub fn name(&self, node: usize) -> &str {
+        &self.nodes[node].name
+    }
+
+    /// The node with server name `name`.
+    pub fn node_named(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn is_running(&self, node: usize) -> bool {
+        self.nodes[node].child.is_some()
+    }
+
+    /// SIGKILL one node: it dies without a chance to flush or hand over leadership.
+    pub fn kill(&mut self, node: usize) {
+        if let Some(mut child) = self.nodes[node].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed node again on its ports with its store: it rejoins and catches up.
+    /// Returns once it listens, not once it has caught up.
+    pub fn restart(&mut self, node: usize) {
+        self.kill(node);
+        self.spawn(node);
+    }
+
+    /// The last lines of a node's log.
+    pub fn log_tail(&self, node: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.nodes[node].dir.path().join("server.log"))
+            .unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The server name of `stream`'s current leader, as JetStream's stream info reports it
+    /// (asked of the running nodes); `None` while it has none or no running node answers.
+    pub async fn stream_leader(&self, stream: &str) -> Option<String> {
+        self.stream_cluster(stream).await.and_then(|c| c.leader)
+    }
+
+    /// `stream`'s cluster state (leader and replicas) from JetStream's stream info.
+    pub async fn stream_cluster(
+        &self,
+        stream: &str,
+    ) -> Option<async_nats::jetstream::stream::ClusterInfo> {
+        for node in (0..self.nodes.len()).filter(|&n| self.is_running(n)) {
+            let Some(js) = self.jetstream(node).await else {
+                continue;
+            };
+            if let Ok(mut found) = js.get_stream(stream).await
+                && let Ok(info) = found.info().await
+            {
+                return info.cluster.clone();
+            }
+        }
+        None
+    }
+
+    /// A JetStream context on node `node` alone (no other servers, no reconnecting), with a
+    /// short request timeout, so asking a node that is down fails quickly.
+    async fn jetstream(&self, node: usize) -> Option<async_nats::jetstream::Context> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(1))
+            .ignore_discovered_servers()
+            .connect(self.url(node))
+            .await
+            .ok()?;
+        let mut js = async_nats::jetstream::new(client);
+        js.set_timeout(Duration::from_secs(2));
+        Some(js)
+    }
+
+    /// Waits until the running nodes answer JetStream account requests (the meta leader is
+    /// elected), so a test starts against a cluster that can create streams.
+    pub async fn wait_for_jetstream(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for node in (0..self.nodes.len()).filter(|&n| self.is_running(n)) {
+                // "Stream not found" is an answer only a JetStream with a meta leader gives
+                // (before that it says "temporarily unavailable").
+                if let Some(js) = self.jetstream(node).await
+                    && let Err(error) = js.get_stream("conveyor-testkit-probe").await
+                    && let async_nats::jetstream::context::GetStreamErrorKind::JetStream(e) =
+                        error.kind()
+                    && e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster {} elected no JetStream meta leader within 60 s; node 0's log:\n{}",
+                self.name,
+                self.log_tail(0, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn spawn(&mut self, index: usize) {
+        let routes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.route_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let node = &self.nodes[index];
+        let child = Command::new(&self.binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &node.port.to_string()])
+            .args(["--server_name", &node.name, "--cluster_name", &self.name])
+            .args([
+                "--cluster",
+                &format!("nats://127.0.0.1:{}", node.route_port),
+            ])
+            .args(["--routes", &routes])
+            .arg("-sd")
+            .arg(node.dir.path().join("store"))
+            .arg("-l")
+            .arg(node.dir.path().join("server.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        let port = node.port;
+        self.nodes[index].child = Some(child);
+        wait_for_port(port, Duration::from_secs(15));
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in 0..self.nodes.len() {
+            self.kill(node);
+        }
     }
 }
 

@@ -147,6 +147,12 @@ pub struct IntakeArgs {
     #[arg(long, env = "CONVEYOR_MAX_BATCH_EVENTS", value_name = "CONVEYOR_MAX_BATCH_EVENTS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_batch_events: u64,
+
+    /// Deepest nesting of arrays and objects in an event's JSON data (400 nesting_too_deep
+    /// beyond it).
+    #[arg(long, env = "CONVEYOR_MAX_JSON_DEPTH", value_name = "CONVEYOR_MAX_JSON_DEPTH", default_value_t = 128,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_json_depth: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

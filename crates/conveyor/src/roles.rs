@@ -15,10 +15,10 @@ use conveyor_ingest::http::{self as ingest_http, HttpLimits};
 use conveyor_ingest::{
     CoalescingIntake, CoalescingPublisher, EnqueueForwarder, Ingest, Intake, RemoteIntake,
 };
-use conveyor_processor::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{Processor, ProcessorConfig, sink};
 use conveyor_queue::composite::{CompositeQueue, Strategy};
+use conveyor_queue::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_queue::{Health, MemoryQueue, MemoryQueueConfig, Publisher, Queue};
 use conveyor_queue_kafka::{KafkaConfig, KafkaDeadLetters, KafkaQueue, PartitionKey};
 use conveyor_queue_nats::{NatsConfig, NatsDeadLetters, NatsQueue};
@@ -97,7 +97,7 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
     let readiness = Readiness::default();
     let ingest = Arc::new(Ingest::new(
         queue.clone() as Arc<dyn Publisher>,
-        Limits::default(),
+        event_limits(&args.intake),
     ));
     let gateway = Gateway {
         intake: Arc::clone(&ingest) as Arc<dyn Intake>,
@@ -184,7 +184,7 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
             queue
         }
     };
-    let ingest = Arc::new(Ingest::new(publisher, Limits::default()));
+    let ingest = Arc::new(Ingest::new(publisher, event_limits(&args.intake)));
     let readiness = Readiness::default();
     let limits = http_limits(&args.intake);
     let routes = Router::new()
@@ -224,7 +224,7 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     let routes = conveyor_processor::http::routes(
         Arc::clone(&processor),
         readiness.clone(),
-        Limits::default(),
+        event_limits(&args.intake),
         usize::try_from(args.intake.max_body_bytes).unwrap_or(usize::MAX),
     );
     let router = role_router(routes, readiness.clone(), Arc::clone(&processor));
@@ -327,6 +327,10 @@ async fn connect_nats(
     dlq_capacity: u64,
 ) -> Result<(NatsQueue, Option<NatsDeadLetters>), Failure> {
     let config = nats_config(args, dlq_capacity);
+    // A bad entry in the server list is configuration, not an outage: exit 64 naming it.
+    config
+        .servers()
+        .map_err(|e| Failure::Config(format!("NATS_URL (--nats-url): {e}")))?;
     let queue = NatsQueue::connect(config.clone())
         .await
         .map_err(|e| Failure::Runtime(anyhow::anyhow!("NATS_URL {}: {e}", config.url)))?;
@@ -508,6 +512,14 @@ async fn build_processor(
 
 fn to_usize(value: u64) -> usize {
     usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+/// The per-event limits of intake: the defaults, with what the flags set.
+fn event_limits(args: &IntakeArgs) -> Limits {
+    Limits {
+        max_json_depth: to_usize(args.max_json_depth),
+        ..Limits::default()
+    }
 }
 
 fn http_limits(args: &IntakeArgs) -> HttpLimits {

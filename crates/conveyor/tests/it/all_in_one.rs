@@ -6,7 +6,10 @@ use std::time::Duration;
 use conveyor_proto::v1::IngestRequest;
 use serde_json::Value;
 
-use crate::harness::{assert_all_delivered, send_mixed_traffic, spawn_run};
+use crate::harness::{
+    Expected, Spawn, assert_all_delivered, assert_sink_exact, eventually, ingest_one, sample_event,
+    send_mixed_traffic, spawn_run,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_event_reaches_the_sink_exactly_once_as_sent() {
@@ -92,4 +95,39 @@ fn decode_base64(text: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `--sink stdout`: every accepted event is one JSON line on stdout, exactly once, next to the
+/// process's own start-up lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdout_sink_prints_every_event_once_as_a_json_line() {
+    let conveyor = Spawn::new("run").sink_spec("stdout").start().await;
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        let sample = sample_event("stdout", "sink", i, i % 2 == 0);
+        sent.push((ingest_one(&conveyor, &sample).await, sample.sent));
+    }
+    conveyor
+        .wait_until_processed(200, Duration::from_secs(30))
+        .await;
+    let records = eventually(
+        "200 JSON lines on stdout",
+        Duration::from_secs(10),
+        async || {
+            let records: Vec<Value> = conveyor
+                .stdout_text()
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .filter(|record| record.get("id").is_some())
+                .collect();
+            if records.len() >= 200 {
+                Ok(records)
+            } else {
+                Err(format!("{} so far", records.len()))
+            }
+        },
+    )
+    .await;
+    let expected: Expected = sent.into_iter().collect();
+    assert_sink_exact(&records, &expected);
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::harness::{
-    Ledger, assert_sink_exact, eventually, ingest_one, read_json, sample_event, spawn_run, total,
+    Expected, assert_sink_exact, eventually, ingest_one, read_json, sample_event, spawn_run, total,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +187,7 @@ async fn full_queue_refuses_with_429_and_recovers_without_loss() {
     );
 
     // Drained: new events are accepted again, over HTTP and gRPC, and reach the sink.
-    let mut good = Ledger::new();
+    let mut good = Expected::new();
     for i in 0..20 {
         let sample = sample_event("after", "bp", i, i % 2 == 0);
         let id = ingest_one(&conveyor, &sample).await;

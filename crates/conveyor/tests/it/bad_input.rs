@@ -2,13 +2,14 @@
 //! (INTERFACE.md "Errors", DESIGN.md contract 5).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use conveyor_proto::v1::{IngestRequest, PublishRequest};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Conveyor, Ledger, accepted_id, assert_error, raw_chunked_post, read_json, sample_event,
-    spawn_run,
+    Conveyor, Expected, accepted_id, assert_error, raw_chunked_post, read_json, sample_event,
+    spawn_run, spawn_split, total,
 };
 
 const LIMITS: &[&str] = &["--max-body-bytes", "4096", "--max-batch-events", "10"];
@@ -121,14 +122,14 @@ async fn single_event_errors_name_the_problem_and_store_nothing() {
         }
     }
 
-    conveyor.assert_still_serving(Ledger::new()).await;
+    conveyor.assert_still_serving(Expected::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_errors_are_per_line_and_good_lines_are_kept() {
     let conveyor = spawn_run(LIMITS).await;
     let batch = "/api/v1/ingest/batch";
-    let mut ledger = Ledger::new();
+    let mut ledger = Expected::new();
 
     // More events than --max-batch-events: refused as a whole.
     let eleven: Vec<Value> = (0..11)
@@ -233,7 +234,7 @@ async fn batch_errors_are_per_line_and_good_lines_are_kept() {
 async fn grpc_bad_events_are_refused_one_by_one() {
     let conveyor = spawn_run(LIMITS).await;
     let mut client = conveyor.grpc().await;
-    let mut ledger = Ledger::new();
+    let mut ledger = Expected::new();
 
     let empty_source = IngestRequest {
         source: String::new(),
@@ -350,7 +351,7 @@ async fn idempotency_key_makes_resends_harmless() {
     };
     send().await;
     send().await;
-    let mut ledger = Ledger::new();
+    let mut ledger = Expected::new();
     ledger.insert(key.to_owned(), sample.sent.clone());
     conveyor
         .wait_sink_ids(ledger.keys(), std::time::Duration::from_secs(20))
@@ -358,4 +359,163 @@ async fn idempotency_key_makes_resends_harmless() {
     // Once more after it was processed.
     send().await;
     conveyor.assert_still_serving(ledger).await;
+}
+
+/// `data` nested `depth` arrays deep.
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// Sends one refusal of every kind through `front`'s doors (HTTP single, NDJSON and JSON-array
+/// batches, gRPC unary and batch), among them data nested deeper than the limit on every
+/// door; checks each answer, and returns how many events were refused.
+async fn send_one_refusal_of_each_kind(front: &Conveyor) -> u64 {
+    let single = "/api/v1/ingest";
+    let batch = "/api/v1/ingest/batch";
+    let json_type = "application/json";
+    let mut refused = 0;
+
+    let (code, body) = post_bytes(front, single, json_type, r#"{"source":"#).await;
+    assert_error("malformed JSON", code, &body, 400, "invalid_json", None);
+    refused += 1;
+    let (code, body) = post_bytes(front, single, json_type, r#"{"source":"s"}"#).await;
+    assert_error("no data", code, &body, 422, "invalid_field", Some("data"));
+    refused += 1;
+    let (code, body) = post_bytes(front, single, "text/plain", r#"{"source":"s","data":1}"#).await;
+    assert_error(
+        "text/plain",
+        code,
+        &body,
+        415,
+        "unsupported_media_type",
+        None,
+    );
+    refused += 1;
+    // 100,000 levels: refused without recursion (the process stays up), naming the limit.
+    let deep = format!(r#"{{"source":"s","data":{}}}"#, nested(100_000));
+    let (code, body) = post_bytes(front, single, json_type, deep).await;
+    let message = assert_error(
+        "data 100,000 levels deep",
+        code,
+        &body,
+        400,
+        "nesting_too_deep",
+        Some("data"),
+    );
+    assert!(
+        message.contains("128"),
+        "the message names the limit: {message}"
+    );
+    refused += 1;
+    // Exactly at the limit: accepted, as every common JSON reader can read it.
+    let at_limit = format!(r#"{{"source":"s","data":{}}}"#, nested(128));
+    let (code, body) = post_bytes(front, single, json_type, at_limit).await;
+    assert_eq!(code, 202, "data 128 levels deep: {body}");
+
+    // NDJSON: one bad line, one too deep, one good.
+    let lines = format!(
+        "{{oops\n{{\"source\":\"s\",\"data\":{}}}\n{{\"source\":\"s\",\"data\":1}}\n",
+        nested(129)
+    );
+    let (code, body) = post_bytes(front, batch, "application/x-ndjson", lines).await;
+    assert_eq!(code, 207, "{body}");
+    assert_eq!(
+        body["results"][0]["error"]["code"], "invalid_json",
+        "{body}"
+    );
+    assert_eq!(
+        body["results"][1]["error"]["code"], "nesting_too_deep",
+        "{body}"
+    );
+    assert_eq!(body["results"][1]["error"]["field"], "data", "{body}");
+    refused += 2;
+    // A JSON array with one element refused by validation (an empty source).
+    let array = json!([{"source": "", "data": 1}, {"source": "s", "data": 2}]);
+    let (code, body) = front.post_json(batch, &array).await;
+    assert_eq!(code, 207, "{body}");
+    refused += 1;
+
+    let mut client = front.grpc().await;
+    let deep_grpc = IngestRequest {
+        source: "s".to_owned(),
+        payload: nested(200).into_bytes().into(),
+        content_type: json_type.to_owned(),
+        ..Default::default()
+    };
+    let status = client
+        .ingest(deep_grpc.clone())
+        .await
+        .expect_err("too deep");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("nesting_too_deep"),
+        "{status:?}"
+    );
+    refused += 1;
+    let answer = client
+        .ingest_batch(conveyor_proto::v1::IngestBatchRequest {
+            events: vec![
+                deep_grpc,
+                IngestRequest {
+                    source: "s".to_owned(),
+                    payload: b"1".to_vec().into(),
+                    content_type: json_type.to_owned(),
+                    ..Default::default()
+                },
+            ],
+        })
+        .await
+        .expect("a batch call is answered per event")
+        .into_inner();
+    let first = answer.results[0]
+        .error
+        .as_ref()
+        .expect("the deep event is refused");
+    assert_eq!(first.code, "nesting_too_deep", "{first:?}");
+    assert!(answer.results[1].error.is_none(), "{:?}", answer.results[1]);
+    refused += 1;
+    refused
+}
+
+async fn every_refusal_is_counted(front: &Conveyor) {
+    let refused = send_one_refusal_of_each_kind(front).await;
+    // Accepted: the event at the limit, the good NDJSON line, the good array element, the
+    // good gRPC batch event.
+    let status = front.wait_until_processed(4, Duration::from_secs(30)).await;
+    assert_eq!(total(&status, "accepted"), 4, "{}", status["totals"]);
+    assert_eq!(
+        total(&status, "rejected"),
+        refused,
+        "totals.rejected counts every refused event on every door: {}",
+        status["totals"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_counted_and_deep_nesting_is_refused_in_run_mode() {
+    every_refusal_is_counted(&spawn_run(&[]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_counted_and_deep_nesting_is_refused_in_split_mode() {
+    let split = spawn_split(&[]).await;
+    every_refusal_is_counted(&split.gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nesting_limit_is_a_flag() {
+    let conveyor = spawn_run(&["--max-json-depth", "4"]).await;
+    let at = |depth| json!({"source": "s", "data": serde_json::from_str::<Value>(&nested(depth)).expect("json")});
+    let (code, body) = conveyor.post_json("/api/v1/ingest", &at(4)).await;
+    assert_eq!(code, 202, "4 levels with --max-json-depth 4: {body}");
+    let (code, body) = conveyor.post_json("/api/v1/ingest", &at(5)).await;
+    let message = assert_error(
+        "5 levels",
+        code,
+        &body,
+        400,
+        "nesting_too_deep",
+        Some("data"),
+    );
+    assert!(message.contains('4'), "{message}");
 }

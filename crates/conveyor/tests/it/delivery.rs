@@ -1,7 +1,6 @@
-//! Counting delivery over sinks: send numbered events, then find the accepted ids that were
-//! lost and the ids written more than once. Shared by the broker crash tests.
+//! Counting delivery over sinks: send numbered events, writing every promise into a
+//! [`Ledger`], then check it against the sinks. Shared by the broker crash tests.
 
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,21 +8,26 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Conveyor, eventually, read_json, read_sink_file};
+use crate::harness::{Conveyor, eventually, read_json};
+pub use crate::ledger::{Ledger, sink_counts};
+
+/// How long the sinks must stay unchanged before a crash test counts duplicates: longer than
+/// the tests' broker AckWait (2 s), so a redelivery after it is seen.
+pub const QUIET: Duration = Duration::from_secs(3);
 
 pub fn event_body(tag: &str, i: usize) -> Value {
     json!({"id": format!("{tag}-{i}"), "source": "crash-test", "data": {"i": i, "tag": tag}})
 }
 
-/// Sends events `from..to` as NDJSON batches of `per_batch`, `tasks` requests at a time.
-/// Returns the ids the gateway accepted (202/207 per line).
+/// Sends events `0..count` as NDJSON batches of `per_batch`, `tasks` requests at a time.
+/// Returns the ledger of what was sent and what the gateway accepted (202/207 per line).
 pub async fn send_batches(
     gateway: &Conveyor,
     tag: &'static str,
     count: usize,
     per_batch: usize,
     tasks: usize,
-) -> HashSet<String> {
+) -> Ledger {
     send_batches_to(
         gateway.http().clone(),
         gateway.url("/api/v1/ingest/batch"),
@@ -42,7 +46,8 @@ pub async fn send_batches_to(
     count: usize,
     per_batch: usize,
     tasks: usize,
-) -> HashSet<String> {
+) -> Ledger {
+    let ledger = Ledger::new();
     let next = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::new();
     for _ in 0..tasks {
@@ -50,14 +55,16 @@ pub async fn send_batches_to(
         let http = http.clone();
         let url = url.clone();
         let tag = tag.to_owned();
+        let ledger = ledger.clone();
         handles.push(tokio::spawn(async move {
-            let mut accepted = HashSet::new();
             loop {
                 let from = next.fetch_add(per_batch, Ordering::Relaxed);
                 if from >= count {
-                    break accepted;
+                    break;
                 }
                 let to = (from + per_batch).min(count);
+                let ids: Vec<String> = (from..to).map(|i| format!("{tag}-{i}")).collect();
+                ledger.sent(ids.iter().map(String::as_str));
                 let body: String = (from..to)
                     .map(|i| format!("{}\n", event_body(&tag, i)))
                     .collect();
@@ -75,75 +82,22 @@ pub async fn send_batches_to(
                 );
                 for result in answer["results"].as_array().expect("results") {
                     if let Some(id) = result["messageId"].as_str() {
-                        accepted.insert(id.to_owned());
+                        ledger.promised(id, "http_batch");
                     }
                 }
             }
         }));
     }
-    let mut all = HashSet::new();
     for handle in handles {
-        all.extend(handle.await.expect("sender task"));
+        handle.await.expect("sender task");
     }
-    all
+    ledger
 }
 
-/// How often each id occurs across the sink files.
-pub fn sink_counts(sinks: &[&Path]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for sink in sinks {
-        for record in read_sink_file(sink) {
-            let id = record["id"]
-                .as_str()
-                .expect("a sink record has an id")
-                .to_owned();
-            *counts.entry(id).or_default() += 1;
-        }
-    }
-    counts
-}
-
-/// Waits until every accepted id is in the sinks, then asserts: none lost, none written twice,
-/// nothing that was never sent.
-pub async fn assert_exactly_once(
-    sinks: &[&Path],
-    accepted: &HashSet<String>,
-    sent_prefix: &str,
-    timeout: Duration,
-) {
-    let counts = eventually(
-        "every accepted event to reach the sink",
-        timeout,
-        async || {
-            let counts = sink_counts(sinks);
-            let missing = accepted
-                .iter()
-                .filter(|id| !counts.contains_key(*id))
-                .count();
-            if missing == 0 {
-                Ok(counts)
-            } else {
-                Err(format!("{missing} of {} still missing", accepted.len()))
-            }
-        },
-    )
-    .await;
-    let duplicates: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    let unexpected: Vec<&String> = counts
-        .keys()
-        .filter(|id| !id.starts_with(sent_prefix))
-        .collect();
-    assert!(
-        duplicates.is_empty(),
-        "{} ids written more than once, e.g. {:?}",
-        duplicates.len(),
-        &duplicates[..duplicates.len().min(5)]
-    );
-    assert!(
-        unexpected.is_empty(),
-        "ids nobody sent: {:?}",
-        &unexpected[..unexpected.len().min(5)]
-    );
+/// Waits until every promised id is in the sinks and the sinks are quiet, then asserts: none
+/// lost, none written twice, nothing that was never sent.
+pub async fn assert_exactly_once(sinks: &[&Path], ledger: &Ledger, timeout: Duration) {
+    ledger.assert_exactly_once(sinks, timeout, QUIET).await;
 }
 
 /// Stage and retry flags that make events with metadata `poison=yes` fail every attempt and go
@@ -167,7 +121,7 @@ pub async fn poison_goes_to_the_dlq_while_traffic_flows(conveyor: &Conveyor) -> 
     assert_eq!(code, 202, "{body}");
     let accepted = send_batches(conveyor, "flow", 2_000, 100, 2).await;
     let sink = conveyor.sink_path().to_owned();
-    assert_exactly_once(&[&sink], &accepted, "flow-", Duration::from_secs(60)).await;
+    assert_exactly_once(&[&sink], &accepted, Duration::from_secs(60)).await;
     let letters = eventually(
         "the poison event in the DLQ",
         Duration::from_secs(30),

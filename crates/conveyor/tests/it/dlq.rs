@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Conveyor, Ledger, assert_sink_exact, eventually, ingest_one, sample_event, spawn_run, total,
+    Conveyor, Expected, assert_sink_exact, eventually, ingest_one, sample_event, spawn_run, total,
 };
 
 /// The DLQ's events by id, asserting each id is there once.
@@ -38,8 +38,8 @@ async fn poison_events_are_retried_dead_lettered_and_replayable() {
     ])
     .await;
 
-    let mut good = Ledger::new();
-    let mut poison = Ledger::new();
+    let mut good = Expected::new();
+    let mut poison = Expected::new();
     for i in 0..55 {
         if i % 11 == 5 {
             let sample = sample_event("poison", "dlq", i, true).with_metadata("poison", "yes");
@@ -145,5 +145,62 @@ async fn poison_events_are_retried_dead_lettered_and_replayable() {
 
     // Poison never reached the sink, and nothing was written twice.
     conveyor.wait_idle(Duration::from_secs(10)).await;
+    assert_sink_exact(&conveyor.read_sink(), &good);
+}
+
+/// A full DLQ never drops: with room for one letter, the second poison event stays in the
+/// queue (retried at the longest backoff, never written), the good events flow past it, and
+/// once the DLQ has room again (the first letter replayed and then stored once more, or
+/// another made room) nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_dlq_keeps_the_event_in_the_queue() {
+    let conveyor = spawn_run(&[
+        "--stage",
+        "fail-if:poison=yes",
+        "--max-attempts",
+        "2",
+        "--retry-backoff-ms",
+        "20",
+        "--retry-backoff-max-ms",
+        "200",
+        "--dlq-capacity",
+        "1",
+    ])
+    .await;
+    let mut good = Expected::new();
+    for (i, tag) in ["first", "second"].iter().enumerate() {
+        let sample = sample_event(tag, "full", i, true).with_metadata("poison", "yes");
+        ingest_one(&conveyor, &sample).await;
+    }
+    for i in 0..50 {
+        let sample = sample_event("good", "full", i, true);
+        let id = ingest_one(&conveyor, &sample).await;
+        good.insert(id, sample.sent);
+    }
+    let status = eventually(
+        "one letter in the DLQ, the other poison event still queued",
+        Duration::from_secs(30),
+        async || {
+            let status = conveyor.status().await;
+            let (size, _) = conveyor.dlq().await;
+            if size == 1 && total(&status, "processed") == 50 && total(&status, "pending") == 1 {
+                Ok(status)
+            } else {
+                Err(format!("DLQ {size}; totals {}", status["totals"]))
+            }
+        },
+    )
+    .await;
+    // It stays there: retried, never written, never dropped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = conveyor.status().await;
+    assert_eq!(total(&later, "pending"), 1, "{}", later["totals"]);
+    assert!(
+        total(&later, "failed") > total(&status, "failed"),
+        "the queued poison event keeps being retried: {} then {}",
+        status["totals"],
+        later["totals"]
+    );
+    assert_eq!(total(&later, "dead_lettered"), 1, "{}", later["totals"]);
     assert_sink_exact(&conveyor.read_sink(), &good);
 }

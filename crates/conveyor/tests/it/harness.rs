@@ -22,45 +22,22 @@ use tonic::transport::Channel;
 /// How long a process may take to print its listening line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Environment variables the binary reads; cleared so the test machine's environment cannot
-/// change what a test starts.
-const CONFIG_ENV: &[&str] = &[
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "API_PORT",
-    "INGEST_PORT",
-    "PROCESSOR_PORT",
-    "CONVEYOR_HOST",
-    "INGEST_URL",
-    "PROCESSOR_URL",
-    "QUEUE_TYPE",
-    "QUEUE_SIZE",
-    "PROCESSOR_WORKERS",
-    "CONVEYOR_SINK",
-    "CONVEYOR_STAGES",
-    "CONVEYOR_MAX_ATTEMPTS",
-    "CONVEYOR_RETRY_BACKOFF_MS",
-    "CONVEYOR_RETRY_BACKOFF_MAX_MS",
-    "CONVEYOR_BATCH_SIZE",
-    "CONVEYOR_DEDUPE_WINDOW",
-    "CONVEYOR_DLQ_CAPACITY",
-    "CONVEYOR_DRAIN_TIMEOUT_SECS",
-    "CONVEYOR_MAX_BODY_BYTES",
-    "CONVEYOR_MAX_BATCH_EVENTS",
-    "CONVEYOR_LOG",
-    "CONVEYOR_LOG_FORMAT",
-    "RUST_LOG",
-    "NATS_URL",
-    "KAFKA_BROKERS",
-    "KAFKA_TOPIC",
-    "KAFKA_CONSUMER_GROUP",
-    "KAFKA_PARTITIONS",
-    "KAFKA_PARTITION_KEY",
-    "KAFKA_PRODUCER_CONFIG",
-    "KAFKA_CONSUMER_CONFIG",
-    "KAFKA_DLQ_TOPIC",
-    "COMPOSITE_PROVIDERS",
-    "COMPOSITE_STRATEGY",
-];
+/// What a started process keeps of the test's environment: nothing that configures conveyor
+/// (every process starts from an empty environment plus these and what the test sets), so a
+/// developer's shell (`QUEUE_TYPE`, `NATS_URL`, `OTEL_*`, …) cannot change what a test starts.
+const KEPT_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "RUST_BACKTRACE"];
+
+/// The `conveyor` binary under test, with an environment of [`KEPT_ENV`] only.
+pub fn conveyor_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+    cmd.env_clear();
+    for key in KEPT_ENV {
+        if let Some(value) = std::env::var_os(key) {
+            cmd.env(key, value);
+        }
+    }
+    cmd
+}
 
 /// Output of a process, shared with the task that reads it.
 type Log = Arc<Mutex<String>>;
@@ -113,6 +90,8 @@ enum SinkMode {
     Env,
     /// `--sink file:<path>` at a path the test chose (to keep it across restarts).
     At(PathBuf),
+    /// `--sink <spec>`, any sink (`stdout`, `blackhole`).
+    Spec(String),
 }
 
 /// How to start one `conveyor` process.
@@ -162,6 +141,12 @@ impl Spawn {
         self
     }
 
+    /// Writes to the sink `spec` (`--sink stdout`, `--sink blackhole`) instead of a file.
+    pub fn sink_spec(mut self, spec: &str) -> Self {
+        self.sink = SinkMode::Spec(spec.to_owned());
+        self
+    }
+
     /// Leaves out `--host` and `--port`, for tests of the environment variables.
     pub fn without_listen_flags(mut self) -> Self {
         self.listen_flags = false;
@@ -175,11 +160,8 @@ impl Spawn {
     }
 
     fn command(&self, dir: &Path, sink_path: &Path) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+        let mut cmd = conveyor_command();
         cmd.current_dir(dir).arg(self.role);
-        for key in CONFIG_ENV {
-            cmd.env_remove(key);
-        }
         cmd.env("CONVEYOR_LOG", "info");
         if self.listen_flags {
             cmd.args(["--host", "127.0.0.1", "--port", "0"]);
@@ -195,6 +177,9 @@ impl Spawn {
             }
             SinkMode::At(ref path) => {
                 cmd.args(["--sink", &format!("file:{}", path.display())]);
+            }
+            SinkMode::Spec(ref spec) => {
+                cmd.args(["--sink", spec]);
             }
         }
         cmd.args(&self.args);
@@ -276,6 +261,7 @@ impl Spawn {
             base_url: url,
             sink_path,
             stderr: stderr_log,
+            stdout: stdout_log,
             http,
             _dir: dir,
         }
@@ -310,6 +296,7 @@ pub struct Conveyor {
     base_url: String,
     sink_path: PathBuf,
     stderr: Log,
+    stdout: Log,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -379,6 +366,11 @@ impl Conveyor {
     /// The last 8 KiB the process wrote to stderr, for failure messages.
     pub fn stderr_tail(&self) -> String {
         tail(&self.stderr)
+    }
+
+    /// Everything the process printed on stdout so far (up to the last MiB).
+    pub fn stdout_text(&self) -> String {
+        self.stdout.lock().expect("log lock").clone()
     }
 
     pub async fn grpc(&self) -> IngestServiceClient<Channel> {
@@ -536,7 +528,7 @@ impl Conveyor {
 
     /// Checks the process still serves: `/health` is 200 and a fresh event gets 202 and
     /// reaches the sink; then asserts the sink holds exactly `ledger` plus that event.
-    pub async fn assert_still_serving(&self, mut ledger: Ledger) {
+    pub async fn assert_still_serving(&self, mut ledger: Expected) {
         let (code, _) = self.get_raw("/health").await;
         assert_eq!(code, 200, "GET /health");
         let sample = sample_event("after-bad-input", "final", 0, true);
@@ -679,8 +671,8 @@ pub struct Sent {
     pub timestamp: Option<u64>,
 }
 
-/// Accepted events by id.
-pub type Ledger = HashMap<String, Sent>;
+/// What must come out of the sink: accepted events by id, each as it was sent.
+pub type Expected = HashMap<String, Sent>;
 
 /// One generated event: its client id (if any), its JSON body, and what was sent.
 pub struct Sample {
@@ -794,7 +786,7 @@ pub async fn ingest_one(target: &Conveyor, sample: &Sample) -> String {
     accepted_id("POST /api/v1/ingest", &body, sample.id.as_deref())
 }
 
-fn record(ledger: &mut Ledger, id: String, sent: Sent) {
+fn record(ledger: &mut Expected, id: String, sent: Sent) {
     if let Some(previous) = ledger.insert(id.clone(), sent) {
         panic!("message id {id} was handed out for two different events (first: {previous:?})");
     }
@@ -1063,7 +1055,7 @@ async fn grpc_batch(target: &Conveyor, tag: &str, count: usize) -> Vec<(String, 
 /// The standard traffic mix, all at once: 4,000 single HTTP events from 32 tasks, 4,000 in
 /// NDJSON and JSON-array batches of 500, 2,000 over `IngestStream`, 500 over `Publish`, 100
 /// unary `Ingest` calls and one `IngestBatch` of 100. Returns every accepted event by id.
-pub async fn send_mixed_traffic(target: &Conveyor, tag: &str) -> Ledger {
+pub async fn send_mixed_traffic(target: &Conveyor, tag: &str) -> Expected {
     let (singles, batches, streams, published, unary, batch) = tokio::join!(
         http_singles(target, tag, 4_000, 32),
         http_batches(target, tag, 8, 500),
@@ -1072,7 +1064,7 @@ pub async fn send_mixed_traffic(target: &Conveyor, tag: &str) -> Ledger {
         grpc_unary(target, tag, 100),
         grpc_batch(target, tag, 100),
     );
-    let mut ledger = Ledger::new();
+    let mut ledger = Expected::new();
     for (id, sent) in singles
         .into_iter()
         .chain(batches)
@@ -1144,7 +1136,7 @@ fn record_problem(record: &Value, sent: &Sent) -> Option<String> {
 
 /// Asserts the sink holds every event of `expected` exactly once, nothing else, and each as
 /// it was sent (source, data, metadata, timestamp; attempt 1).
-pub fn assert_sink_exact(records: &[Value], expected: &Ledger) {
+pub fn assert_sink_exact(records: &[Value], expected: &Expected) {
     let counts = id_counts(records);
     let missing: Vec<&String> = expected
         .keys()
@@ -1185,7 +1177,7 @@ pub fn assert_sink_exact(records: &[Value], expected: &Ledger) {
 
 /// Waits until everything in `ledger` has been processed (status read from `front`, records
 /// from `sink`'s file), then asserts the sink and the totals are exact.
-pub async fn assert_all_delivered(front: &Conveyor, sink: &Conveyor, ledger: &Ledger) -> Value {
+pub async fn assert_all_delivered(front: &Conveyor, sink: &Conveyor, ledger: &Expected) -> Value {
     let n = ledger.len() as u64;
     front
         .wait_until_processed(n, Duration::from_secs(120))

@@ -126,7 +126,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
         50_000,
         "intake does not depend on the processor"
     );
-    assert_exactly_once(&[&sink], &accepted, "kill-", Duration::from_secs(180)).await;
+    assert_exactly_once(&[&sink], &accepted, Duration::from_secs(180)).await;
     // The group's commits caught up with everything: no lag left on any partition.
     let status = lag_reaches_zero(&gateway).await;
     assert_eq!(
@@ -222,8 +222,8 @@ async fn composite_with_both_backends_up_writes_the_same_events_to_each() {
     let gateway = gateway_for(&setup.ingest, &[&primary]).await;
     let accepted = send_batches(&gateway, "dual", 5_000, 250, 2).await;
     assert_eq!(accepted.len(), 5_000);
-    assert_exactly_once(&[&nats_sink], &accepted, "dual-", Duration::from_secs(60)).await;
-    assert_exactly_once(&[&kafka_sink], &accepted, "dual-", Duration::from_secs(60)).await;
+    assert_exactly_once(&[&nats_sink], &accepted, Duration::from_secs(60)).await;
+    assert_exactly_once(&[&kafka_sink], &accepted, Duration::from_secs(60)).await;
     let (_, metrics) = setup.ingest.get_raw("/metrics").await;
     for backend in ["nats\",role=\"primary", "kafka\",role=\"secondary"] {
         let series = format!("conveyor_composite_publishes_total{{backend=\"{backend}\"}}");

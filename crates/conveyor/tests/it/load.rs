@@ -5,18 +5,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{spawn_run, total};
+use crate::harness::{conveyor_command, spawn_run, total};
 
 /// Runs `conveyor load --target <url> <extra>` with a JSON report; returns the report.
 async fn load(target: &str, extra: &[&str]) -> Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let report = dir.path().join("report.json");
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CONVEYOR_LOAD_") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = conveyor_command();
     cmd.arg("load")
         .args(["--target", target, "--progress", "plain"])
         .args(["--settle-timeout", "60", "--report"])

@@ -3,6 +3,7 @@
 
 mod delivery;
 mod harness;
+mod ledger;
 
 mod all_in_one;
 mod backpressure;
@@ -12,6 +13,8 @@ mod dlq;
 mod kafka;
 mod load;
 mod nats;
+mod nats_cluster;
+mod nats_race;
 mod observability;
 mod shutdown;
 mod split;

@@ -2,17 +2,16 @@
 //! random port (conveyor-testkit) and counts, over the sink(s), the accepted ids that were lost
 //! and the ids written more than once.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use conveyor_testkit::{NatsServer, free_port};
 
 use crate::delivery::{
-    POISON_ARGS, assert_exactly_once, event_body, poison_goes_to_the_dlq_while_traffic_flows,
-    send_batches, send_batches_to,
+    Ledger, POISON_ARGS, assert_exactly_once, event_body,
+    poison_goes_to_the_dlq_while_traffic_flows, send_batches, send_batches_to,
 };
 use crate::harness::{Conveyor, Spawn, eventually, read_json, read_sink_file};
 
@@ -64,7 +63,7 @@ async fn hundred_thousand_events_without_faults_arrive_exactly_once() {
 
     let accepted = send_batches(&gateway, "clean", 100_000, 1000, 4).await;
     assert_eq!(accepted.len(), 100_000, "every event was accepted");
-    assert_exactly_once(&[&sink], &accepted, "clean-", Duration::from_secs(120)).await;
+    assert_exactly_once(&[&sink], &accepted, Duration::from_secs(120)).await;
 
     let status = eventually("totals to settle", Duration::from_secs(20), async || {
         let (_, status) = gateway.get_json("/api/v1/status").await;
@@ -118,7 +117,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
         50_000,
         "intake does not depend on the processor"
     );
-    assert_exactly_once(&[&sink], &accepted, "kill-", Duration::from_secs(120)).await;
+    assert_exactly_once(&[&sink], &accepted, Duration::from_secs(120)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,16 +126,18 @@ async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_
     let conveyor = nats_env(Spawn::new("run"), &server).start().await;
     let stop = Arc::new(AtomicBool::new(false));
     let unavailable = Arc::new(AtomicUsize::new(0));
+    let ledger = Ledger::new();
     let mut senders = Vec::new();
     for task in 0..8 {
         let (stop, unavailable) = (Arc::clone(&stop), Arc::clone(&unavailable));
         let http = conveyor.http().clone();
         let url = conveyor.url("/api/v1/ingest");
+        let ledger = ledger.clone();
         senders.push(tokio::spawn(async move {
-            let mut accepted = Vec::new();
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let body = event_body(&format!("outage-{task}"), i);
+                ledger.sent([body["id"].as_str().expect("id")]);
                 i += 1;
                 let response = http
                     .post(&url)
@@ -146,9 +147,10 @@ async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_
                     .expect("the gateway stays up");
                 let (code, answer) = read_json(response).await;
                 match code {
-                    202 => {
-                        accepted.push(answer["messageId"].as_str().expect("messageId").to_owned())
-                    }
+                    202 => ledger.promised(
+                        answer["messageId"].as_str().expect("messageId"),
+                        "http_single",
+                    ),
                     503 => {
                         assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
                         unavailable.fetch_add(1, Ordering::Relaxed);
@@ -157,7 +159,6 @@ async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_
                     other => panic!("unexpected answer {other} during a broker outage: {answer}"),
                 }
             }
-            accepted
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -181,14 +182,14 @@ async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_
     // Intake resumes by itself.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut accepted = HashSet::new();
     for sender in senders {
-        accepted.extend(sender.await.expect("sender"));
+        sender.await.expect("sender");
     }
+    let accepted = ledger;
     assert!(during > 0, "clients got 503 during the outage");
     assert_eq!(ready, 503, "/ready reports the broker outage");
     let sink = conveyor.sink_path().to_owned();
-    assert_exactly_once(&[&sink], &accepted, "outage-", Duration::from_secs(60)).await;
+    assert_exactly_once(&[&sink], &accepted, Duration::from_secs(60)).await;
     let after = eventually(
         "intake to accept again after the broker returned",
         Duration::from_secs(20),
@@ -233,7 +234,7 @@ async fn three_processors_split_one_stream_and_each_event_is_processed_once() {
     let (_ingest, gateway) = nats_ingest_and_gateway(&server, &refs).await;
     let accepted = send_batches(&gateway, "spread", 30_000, 500, 2).await;
     let sink_refs: Vec<&Path> = sinks.iter().map(|p| p.as_path()).collect();
-    assert_exactly_once(&sink_refs, &accepted, "spread-", Duration::from_secs(120)).await;
+    assert_exactly_once(&sink_refs, &accepted, Duration::from_secs(120)).await;
     for (i, sink) in sinks.iter().enumerate() {
         let share = read_sink_file(sink).len();
         assert!(
@@ -241,4 +242,70 @@ async fn three_processors_split_one_stream_and_each_event_is_processed_once() {
             "processor {i} processed only {share} of 30000: the work is not spread"
         );
     }
+}
+
+/// A processor SIGTERMed with a backlog gives back what it had prefetched (NATS `-NAK`, no
+/// delay) instead of keeping it until AckWait: the next processor, started after it exited,
+/// has every event within seconds though AckWait is 30 s. The gap is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_processor_gives_back_its_prefetch_at_once() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = dir.path().join("out.ndjson");
+    let ack_wait = |spawn: Spawn| spawn.env("CONVEYOR_NATS_ACK_WAIT_SECS", "30");
+    // One slow worker in small batches: most of what it pulled is still unstarted at SIGTERM.
+    let slow = [
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+        "--stage",
+        "cpu:20000",
+    ];
+    let mut first = ack_wait(nats_env(Spawn::new("processor"), &server))
+        .args(slow)
+        .sink_at(&sink)
+        .start()
+        .await;
+    let (_ingest, gateway) = nats_ingest_and_gateway(&server, &[&first]).await;
+    let ledger = send_batches(&gateway, "handover", 3_000, 500, 2).await;
+    assert_eq!(ledger.len(), 3_000);
+    eventually(
+        "the slow processor to write some",
+        Duration::from_secs(30),
+        async || {
+            let written = read_sink_file(&sink).len();
+            if written >= 20 {
+                Ok(())
+            } else {
+                Err(format!("{written} written"))
+            }
+        },
+    )
+    .await;
+    first.sigterm();
+    let exit = first.wait_exit(Duration::from_secs(30)).await;
+    assert!(exit.success(), "the stopped processor exits 0: {exit:?}");
+    let stopped = Instant::now();
+    let written_by_first = read_sink_file(&sink).len();
+    assert!(
+        written_by_first < 2_000,
+        "a backlog was left for the next processor ({written_by_first} written)"
+    );
+    let _second = ack_wait(nats_env(Spawn::new("processor"), &server))
+        .sink_at(&sink)
+        .start()
+        .await;
+    ledger
+        .assert_exactly_once(&[&sink], Duration::from_secs(15), Duration::from_secs(1))
+        .await;
+    let gap = stopped.elapsed();
+    eprintln!(
+        "the next processor had all {} events {gap:?} after the first exited",
+        ledger.len()
+    );
+    assert!(
+        gap < Duration::from_secs(15),
+        "the prefetch waited for AckWait (30 s): {gap:?}"
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{Conveyor, eventually, spawn_run, spawn_split};
+use crate::harness::{Conveyor, conveyor_command, eventually, spawn_run, spawn_split};
 
 /// One scrape: family name → its `# TYPE`, and every sample `name{labels}` → value.
 #[derive(Debug, Default)]
@@ -881,10 +881,8 @@ async fn dashboard_in_headless_chromium_shows_events_arrive_live() {
 
 /// Runs `conveyor status` with `args` and `env`; its exit code, stdout and stderr.
 async fn conveyor_status(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"));
-    cmd.arg("status")
-        .args(args)
-        .env_remove("CONVEYOR_GATEWAY_URL");
+    let mut cmd = conveyor_command();
+    cmd.arg("status").args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }

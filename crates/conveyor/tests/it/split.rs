@@ -1,9 +1,17 @@
 //! Split mode: gateway → ingest → processor as three processes, the same traffic mix and the
 //! same guarantees as `conveyor run`.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::harness::{assert_all_delivered, eventually, send_mixed_traffic, spawn_split};
+use conveyor_testkit::free_port;
+
+use crate::delivery::{Ledger, QUIET, event_body};
+use crate::harness::{
+    Conveyor, Spawn, assert_all_delivered, eventually, read_json, send_mixed_traffic, spawn_split,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_mode_delivers_every_accepted_event_exactly_once() {
@@ -75,4 +83,105 @@ async fn gateway_is_not_ready_while_no_ingest_is_reachable() {
     // Liveness is another matter: the gateway process itself is fine.
     let (live, _) = split.gateway.get_json("/health").await;
     assert_eq!(live, 200);
+}
+
+/// An ingest SIGKILLed while 8 clients send through the gateway, then restarted on its port:
+/// calls that were on the wire when it died end with a broken connection, whose fate the
+/// gateway cannot know. Every answer is 202 or a retryable 503 with `Retry-After` (never a
+/// 500: a client that follows the docs retries a 503 and not a 500), intake resumes once the
+/// ingest is back, and the ledger finds every 202 in the sink exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_dying_mid_request_costs_503s_never_500s() {
+    let ingest_port = free_port();
+    let ingest_at = |processor: &Conveyor| {
+        Spawn::new("ingest")
+            .without_listen_flags()
+            .args(["--host", "127.0.0.1", "--port", &ingest_port.to_string()])
+            .args(["--processor-url", processor.base_url()])
+    };
+    let processor = Spawn::new("processor").start().await;
+    let mut ingest = ingest_at(&processor).start().await;
+    let gateway = Spawn::new("gateway")
+        .args([
+            "--ingest-url",
+            ingest.base_url(),
+            "--processor-url",
+            processor.base_url(),
+        ])
+        .start()
+        .await;
+
+    let ledger = Ledger::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
+    let mut senders = Vec::new();
+    for task in 0..8 {
+        let (ledger, stop, answers) = (ledger.clone(), Arc::clone(&stop), Arc::clone(&answers));
+        let http = gateway.http().clone();
+        let url = gateway.url("/api/v1/ingest");
+        senders.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = event_body(&format!("dying-{task}"), i);
+                i += 1;
+                let id = body["id"].as_str().expect("id").to_owned();
+                ledger.sent([id.as_str()]);
+                let response = http
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("the gateway stays up");
+                let retry_after = response.headers().contains_key("retry-after");
+                let (code, answer) = read_json(response).await;
+                *answers.lock().expect("answers").entry(code).or_default() += 1;
+                match code {
+                    202 => ledger.promised(&id, "http_single"),
+                    503 => {
+                        assert!(retry_after, "a 503 carries Retry-After: {answer}");
+                        assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    other => panic!("answer {other} while an ingest died: {answer}"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ingest.sigkill();
+    let _ = ingest.wait_exit(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ingest = ingest_at(&processor).start().await;
+    let promised_at_restart = ledger.len();
+    eventually(
+        "intake to accept again after the ingest came back",
+        Duration::from_secs(20),
+        async || {
+            let now = ledger.len();
+            if now > promised_at_restart + 100 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} promised since the restart",
+                    now - promised_at_restart
+                ))
+            }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for sender in senders {
+        sender
+            .await
+            .expect("a sender saw an answer other than 202 or 503");
+    }
+    let answers = answers.lock().expect("answers").clone();
+    eprintln!("answers while the ingest died: {answers:?}");
+    assert!(
+        answers.get(&503).copied().unwrap_or(0) > 0,
+        "the ingest's death was seen by clients: {answers:?}"
+    );
+    ledger
+        .assert_exactly_once(&[processor.sink_path()], Duration::from_secs(60), QUIET)
+        .await;
 }
