@@ -2,7 +2,6 @@
 //! broker: each test starts its own tansu broker on a random port (conveyor-testkit) and
 //! counts, over the sink(s), the accepted ids that were lost and the ids written twice.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,8 +10,8 @@ use conveyor_testkit::{KafkaBroker, NatsServer, free_port};
 use serde_json::json;
 
 use crate::delivery::{
-    POISON_ARGS, assert_exactly_once, poison_goes_to_the_dlq_while_traffic_flows, send_batches,
-    send_batches_to, sink_counts,
+    Ledger, POISON_ARGS, QUIET, assert_exactly_once, poison_goes_to_the_dlq_while_traffic_flows,
+    send_batches, send_batches_to, sink_counts,
 };
 use crate::harness::{Conveyor, Spawn, eventually, read_sink_file};
 
@@ -404,55 +403,27 @@ async fn sink_holds(sink: &Path, n: usize) {
 /// id twice, nothing unexpected. An id may be in both: the killed member wrote it after its
 /// last commit, so the group gives it to the survivor, whose seen-id window knows only its own
 /// sink (Kafka is at-least-once across processes). Returns how many ids are in both.
-async fn none_lost_over(
-    survivor: &Path,
-    dead: &Path,
-    accepted: &HashSet<String>,
-    prefix: &str,
-) -> usize {
-    assert_exactly_once(&[survivor], &HashSet::new(), prefix, Duration::from_secs(1)).await;
-    let union = eventually(
-        "every accepted event to reach a sink",
-        Duration::from_secs(120),
-        async || {
-            let union: HashSet<String> = sink_counts(&[survivor])
-                .into_keys()
-                .chain(sink_counts(&[dead]).into_keys())
-                .collect();
-            let missing = accepted.iter().filter(|id| !union.contains(*id)).count();
-            if missing == 0 {
-                Ok(union)
-            } else {
-                Err(format!("{missing} of {} missing", accepted.len()))
-            }
-        },
-    )
-    .await;
+async fn none_lost_over(survivor: &Path, dead: &Path, ledger: &Ledger) -> usize {
+    let verdict = ledger
+        .settle(&[survivor, dead], Duration::from_secs(120), QUIET)
+        .await;
+    assert!(
+        verdict.lost.is_empty() && verdict.unexpected.is_empty(),
+        "{verdict}"
+    );
     for sink in [survivor, dead] {
-        let counts = sink_counts(&[sink]);
-        let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        let twice: Vec<_> = sink_counts(&[sink])
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .take(5)
+            .collect();
         assert!(
             twice.is_empty(),
             "{} holds ids twice: {twice:?}",
             sink.display()
         );
-        let unexpected: Vec<_> = counts
-            .keys()
-            .filter(|id| !id.starts_with(prefix))
-            .take(5)
-            .collect();
-        assert!(unexpected.is_empty(), "ids nobody sent: {unexpected:?}");
     }
-    let (in_survivor, in_dead) = (sink_counts(&[survivor]), sink_counts(&[dead]));
-    assert_eq!(
-        union.len(),
-        accepted.len(),
-        "only accepted ids were written"
-    );
-    in_survivor
-        .keys()
-        .filter(|id| in_dead.contains_key(*id))
-        .count()
+    verdict.duplicated.len()
 }
 
 /// Two processors in one group; one is SIGKILLed mid-stream. After the session timeout the
@@ -491,8 +462,7 @@ async fn a_killed_members_partitions_go_to_the_survivor(
         10_000,
         "intake does not depend on the processors"
     );
-    let prefix = format!("{tag}-");
-    let both = none_lost_over(&survivor_sink, &dead_sink, &accepted, &prefix).await;
+    let both = none_lost_over(&survivor_sink, &dead_sink, &accepted).await;
     let status = lag_reaches_zero(&gateway).await;
     let member = member(&survivor).await;
     // The gateway's status shows the member as the processor reports it (stalls included).
@@ -588,11 +558,10 @@ async fn a_member_restarted_within_the_session_timeout_consumes(
     );
     let accepted = sending.await.expect("sender");
     assert_eq!(accepted.len(), 6_000);
-    let prefix = format!("{tag}-");
     match &other {
-        None => assert_exactly_once(&[&sink], &accepted, &prefix, Duration::from_secs(120)).await,
+        None => assert_exactly_once(&[&sink], &accepted, Duration::from_secs(120)).await,
         Some(_) => {
-            let both = none_lost_over(&other_sink, &sink, &accepted, &prefix).await;
+            let both = none_lost_over(&other_sink, &sink, &accepted).await;
             eprintln!("{tag}: {both} written by both members");
         }
     }
@@ -679,7 +648,6 @@ async fn a_stopped_processor_hands_its_partitions_over_at_once() {
     assert_exactly_once(
         &[&survivor_sink, &stopped_sink],
         &accepted,
-        "handover-",
         Duration::from_secs(120),
     )
     .await;
