@@ -61,6 +61,35 @@ pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
             format!("partition=\"{}\"", p.partition)
         });
     }
+    if let Some(group) = &stats.group {
+        // The Kafka member's view of itself: one sample each, no labels.
+        let samples = [
+            (
+                "conveyor_kafka_group_stalls_total",
+                "counter",
+                "Times this member found partitions with lag that no group member consumed for twice the session timeout, and rejoined the group.",
+                group.stalls as i64,
+            ),
+            (
+                "conveyor_kafka_group_stalled",
+                "gauge",
+                "1 while this member finds the group stalled, else 0.",
+                i64::from(group.stalled),
+            ),
+            (
+                "conveyor_kafka_assigned_partitions",
+                "gauge",
+                "Partitions of the events topic assigned to this member.",
+                group.assigned.len() as i64,
+            ),
+        ];
+        for (name, kind, help, value) in samples {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
     if !stats.backends.is_empty() {
         let families: [LabelledFamily<BackendStats>; 4] = [
             LabelledFamily {
@@ -97,7 +126,7 @@ pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
 
 #[cfg(test)]
 mod tests {
-    use conveyor_core::stats::{BackendStats, PartitionStats, QueueStats};
+    use conveyor_core::stats::{BackendStats, GroupMemberStats, PartitionStats, QueueStats};
 
     use super::render_queue_detail;
 
@@ -138,10 +167,22 @@ mod tests {
                     divergence: 2,
                 },
             ],
+            group: Some(GroupMemberStats {
+                assigned: vec![0, 1],
+                stalled: true,
+                stalls: 2,
+            }),
             ..QueueStats::default()
         };
         let mut out = String::new();
         render_queue_detail(&mut out, &stats);
+        for sample in [
+            "conveyor_kafka_group_stalls_total 2\n",
+            "conveyor_kafka_group_stalled 1\n",
+            "conveyor_kafka_assigned_partitions 2\n",
+        ] {
+            assert!(out.contains(sample), "{sample} in {out}");
+        }
         assert!(
             out.contains("conveyor_kafka_consumer_lag{partition=\"0\"} 3\n"),
             "{out}"

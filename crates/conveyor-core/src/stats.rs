@@ -35,6 +35,9 @@ pub struct QueueStats {
     /// the stream info could not be read (no leader answered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<StreamCluster>,
+    /// Kafka: this process's consumer-group member, once it joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupMemberStats>,
 }
 
 /// A replicated stream's RAFT group as JetStream reports it (`StreamInfo.cluster`).
@@ -63,6 +66,18 @@ pub struct ReplicaStats {
     pub active_ms: u64,
     /// Operations it is behind the leader.
     pub lag: u64,
+}
+
+/// A Kafka consumer-group member as it sees itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMemberStats {
+    /// Partitions of the events topic assigned to this member now.
+    pub assigned: Vec<i32>,
+    /// The member holds fewer partitions than the topic has, and the others have lag that
+    /// nobody consumed for twice the session timeout: the group left partitions unconsumed.
+    pub stalled: bool,
+    /// Stalls detected since start; each is followed by a rejoin with a fresh member.
+    pub stalls: u64,
 }
 
 /// One Kafka partition as the consumer group sees it.

@@ -19,6 +19,11 @@
 //!   revokes partitions, what was finished is committed and the rest of their work is dropped:
 //!   the new owner resumes from the commit. After a crash, events finished above the last commit
 //!   come again; the processor's seen-id window (seeded from its sink) skips them.
+//! - **Group health**: a member that finds partitions it does not own with lag and no commit
+//!   for twice the session timeout (a coordinator that keeps a dead member assigned) reports
+//!   the group stalled in its stats and health, and rejoins with a fresh member id.
+//!   On shutdown the member commits and leaves the group, so the others take over within about
+//!   one heartbeat (at most 500 ms).
 //! - **Dead letters** go to a DLQ topic ([`KafkaDeadLetters`]) before the offset moves past
 //!   them; `/api/v1/dlq` lists and replays them.
 //! - Events travel as the protobuf `conveyor.v1.Event` (header `conveyor-encoding: proto`). A
@@ -31,11 +36,14 @@
 
 mod config;
 mod dlq;
+mod mock;
 mod queue;
+pub(crate) mod stall;
 pub mod watermark;
 
 pub use config::{KafkaConfig, PartitionKey, parse_overrides};
 pub use dlq::KafkaDeadLetters;
+pub use mock::MockKafka;
 pub use queue::{KafkaQueue, check_settings};
 
 #[cfg(test)]

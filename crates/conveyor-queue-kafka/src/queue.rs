@@ -2,14 +2,14 @@
 //! process whose commits follow the processed watermark.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::stats::{PartitionStats, QueueStats};
+use conveyor_core::stats::{GroupMemberStats, PartitionStats, QueueStats};
 use conveyor_core::{ContentType, Event};
 use conveyor_proto::v1;
 use conveyor_queue::dedupe::DedupeWindow;
@@ -32,12 +32,16 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::config::{KafkaConfig, PartitionKey};
+use crate::stall::{Observed, StallWatch, Stuck, Verdict};
 use crate::watermark::Watermark;
 
 /// Header marking a record as a protobuf `conveyor.v1.Event`.
 pub(crate) const ENCODING_HEADER: &str = "conveyor-encoding";
 /// How often a publisher measures the group's lag (its capacity bound) and the broker's health.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest interval between a group member's heartbeats (shorter when a third of the session
+/// timeout is).
+const HEARTBEAT_MAX: Duration = Duration::from_millis(500);
 /// Longest wait for one metadata, watermark or committed-offsets request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -77,6 +81,8 @@ struct Counters {
     redelivered: AtomicU64,
     /// Settlements that arrived after their partition was revoked (the new owner redelivers).
     stale: AtomicU64,
+    /// Times the group was found stalled and this member rejoined it ([`crate::stall`]).
+    stalls: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -216,10 +222,14 @@ fn consumer_config(config: &KafkaConfig) -> ClientConfig {
             "session.timeout.ms",
             config.session_timeout.as_millis().to_string(),
         )
+        // A member hears of a rebalance only in a heartbeat's answer: when another member
+        // leaves (a processor stopping), the partitions move after at most one interval. Kafka's
+        // 3 s default would make every rolling restart wait that long; conveyor has one member
+        // per process, so a heartbeat every 500 ms costs the coordinator little.
         .set(
             "heartbeat.interval.ms",
             (config.session_timeout.as_millis() / 3)
-                .max(100)
+                .clamp(100, HEARTBEAT_MAX.as_millis())
                 .to_string(),
         )
         // Bounds what librdkafka prefetches per partition, on top of `max_held`.
@@ -315,36 +325,78 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Creates `topic` unless it exists, then waits until its partitions are visible.
+/// Creates `topic` unless it exists, then waits until it shows its partitions.
+///
+/// Every role calls this at start-up, and in Kubernetes or compose they all start at once
+/// against a fresh broker: they race to create the topic. "Already exists" means another role
+/// won; any other refusal (a broker still starting, a creation still in progress) is retried
+/// until `within`. Then the topic is verified, not assumed: metadata must show `partitions`
+/// partitions (a topic just created can show fewer for a moment). A topic someone made with
+/// another partition count is accepted, with a warning, once its count holds steady.
 pub(crate) async fn ensure_topic(
     inner: &Arc<Inner>,
     topic: &str,
     partitions: i32,
     within: Duration,
 ) -> Result<(), String> {
+    let wanted = usize::try_from(partitions).unwrap_or(0).max(1);
     let deadline = Instant::now() + within;
-    let mut created = false;
+    // The partition count last seen and since when, to tell "still appearing" from "different".
+    let mut seen: Option<(usize, Instant)> = None;
+    let mut last_error = String::new();
     loop {
         match topic_partitions(inner, topic).await {
-            Ok(found) if !found.is_empty() => return Ok(()),
-            Ok(_) if !created => {
-                create_topic(inner, topic, partitions).await?;
-                created = true;
+            Ok(found) if found.len() >= wanted => {
+                if found.len() > wanted {
+                    tracing::info!(
+                        topic,
+                        partitions = found.len(),
+                        wanted,
+                        "topic exists with more partitions; using it as it is"
+                    );
+                }
+                return Ok(());
             }
-            Ok(_) => {}
-            Err(error) if Instant::now() >= deadline => {
-                return Err(format!(
-                    "cannot reach Kafka at {}: {error}",
-                    inner.config.brokers
-                ));
+            Ok(found) if found.is_empty() => match create_topic(inner, topic, partitions).await {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::warn!(topic, %error, "cannot create the topic yet; retrying");
+                    last_error = error;
+                }
+            },
+            Ok(found) => {
+                // Fewer partitions than wanted: still appearing (just created, here or by a
+                // racing role), or made by someone with fewer.
+                let now = Instant::now();
+                match seen {
+                    Some((count, since)) if count == found.len() => {
+                        if now.duration_since(since) >= Duration::from_secs(2) {
+                            tracing::warn!(
+                                topic,
+                                partitions = found.len(),
+                                wanted,
+                                "topic has fewer partitions than KAFKA_PARTITIONS; using it as it is"
+                            );
+                            return Ok(());
+                        }
+                    }
+                    _ => seen = Some((found.len(), now)),
+                }
             }
-            Err(error) => tracing::warn!(%error, "cannot reach Kafka yet; retrying"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot reach Kafka yet; retrying");
+                last_error = format!("cannot reach Kafka at {}: {error}", inner.config.brokers);
+            }
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "topic '{topic}' did not appear on {} after creating it",
-                inner.config.brokers
-            ));
+            return Err(if last_error.is_empty() {
+                format!(
+                    "topic '{topic}' did not appear with its partitions on {} within {within:?}",
+                    inner.config.brokers
+                )
+            } else {
+                last_error
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -640,11 +692,17 @@ impl Publisher for KafkaQueue {
 
     async fn health(&self) -> Health {
         if self.inner.closed.load(Ordering::Acquire) {
-            Health::Unhealthy("closed for publishing (shutting down)".into())
-        } else if let Some(reason) = self.unhealthy() {
-            Health::Unhealthy(reason)
-        } else {
-            Health::Healthy
+            return Health::Unhealthy("closed for publishing (shutting down)".into());
+        }
+        if let Some(reason) = self.unhealthy() {
+            return Health::Unhealthy(reason);
+        }
+        // A stalled group is this processor's problem to report (its `/ready`); publishing
+        // still works, which is why `publish` looks at the broker view only.
+        let member = self.inner.member.lock().await.clone();
+        match member.and_then(|m| m.stalled()) {
+            Some(reason) => Health::Unhealthy(reason),
+            None => Health::Healthy,
         }
     }
 }
@@ -672,7 +730,7 @@ impl Queue for KafkaQueue {
         // scrape does not cost the broker a round of metadata and offset requests.
         let view = lock(&self.inner.view).clone();
         let member = self.inner.member.lock().await.clone();
-        let local = member.map(|m| m.positions()).unwrap_or_default();
+        let local = member.as_ref().map(|m| m.positions()).unwrap_or_default();
         let mut partitions = Vec::with_capacity(view.partitions.len());
         let (mut unfinished, mut held) = (0u64, 0u64);
         for offsets in &view.partitions {
@@ -713,6 +771,15 @@ impl Queue for KafkaQueue {
             terminated: counters.terminated.load(Ordering::Relaxed),
             redelivered: counters.redelivered.load(Ordering::Relaxed),
             partitions,
+            group: member.map(|m| {
+                let mut assigned: Vec<i32> = local.keys().copied().collect();
+                assigned.sort_unstable();
+                GroupMemberStats {
+                    assigned,
+                    stalled: m.stalled().is_some(),
+                    stalls: counters.stalls.load(Ordering::Relaxed),
+                }
+            }),
             ..QueueStats::default()
         }
     }
@@ -759,8 +826,11 @@ struct Member {
     consumer: Detached<StreamConsumer<GroupContext>>,
     shared: Arc<Shared>,
     topic: String,
+    group: String,
     max_held: usize,
     stop: watch::Sender<bool>,
+    /// Why the group is stalled ([`crate::stall`]), while it is.
+    stalled: Mutex<Option<String>>,
 }
 
 /// What the member's tasks, its rebalance callbacks and its deliveries share.
@@ -983,10 +1053,17 @@ impl Member {
             consumer: Detached::new(consumer),
             shared,
             topic,
+            group: inner.config.group.clone(),
             max_held: inner.config.max_held.max(1),
             stop,
+            stalled: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&member).receive(stopped.clone()));
+        tokio::spawn(Arc::clone(&member).watch_group(
+            Arc::downgrade(inner),
+            StallWatch::new(inner.config.session_timeout * 2),
+            stopped.clone(),
+        ));
         tokio::spawn(
             Arc::clone(&member).commit_periodically(inner.config.commit_interval, stopped),
         );
@@ -1061,6 +1138,109 @@ impl Member {
                 tracing::warn!(%error, "offset commit failed; retried with the next progress");
             }
         }
+    }
+
+    /// Watches for partitions the group leaves unconsumed ([`crate::stall`]): says so (log,
+    /// counter, stats, health) and rejoins the group with a fresh member id, which makes the
+    /// coordinator compute the assignment again from the members it knows are alive.
+    async fn watch_group(
+        self: Arc<Self>,
+        queue: Weak<Inner>,
+        mut watch: StallWatch,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(REFRESH_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let Some(inner) = queue.upgrade() else {
+                return;
+            };
+            let observed: Vec<Observed> = {
+                let view = lock(&inner.view);
+                if view.unhealthy.is_some() {
+                    // Nobody's commits move while the broker is away: not the group's fault.
+                    continue;
+                }
+                view.partitions
+                    .iter()
+                    .map(|p| Observed {
+                        partition: p.partition,
+                        resume_at: p.resume_at(),
+                        lag: (p.high - p.resume_at()).max(0) as u64,
+                    })
+                    .collect()
+            };
+            let owned: HashSet<i32> = lock(&self.shared.state).owned.keys().copied().collect();
+            match watch.observe(Instant::now(), &observed, &owned) {
+                Verdict::Fine => {
+                    if lock(&self.stalled).take().is_some() {
+                        tracing::info!(
+                            "consumer group no longer stalled: the partitions are consumed again"
+                        );
+                    }
+                }
+                Verdict::Stalled(stuck) => {
+                    *lock(&self.stalled) = Some(stall_reason(&stuck, watch.window()));
+                }
+                Verdict::Rejoin(stuck) => {
+                    let reason = stall_reason(&stuck, watch.window());
+                    inner.counters.stalls.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        owned = owned.len(),
+                        partitions = observed.len(),
+                        "{reason}; rejoining the group"
+                    );
+                    *lock(&self.stalled) = Some(reason);
+                    drop(inner);
+                    let member = Arc::clone(&self);
+                    let rejoined = blocking(move || member.rejoin()).await;
+                    if let Err(error) = rejoined {
+                        tracing::warn!(%error, "rejoining the consumer group failed; retried after the next window");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leaves the group and joins it again: librdkafka drops its member id on leaving, so the
+    /// coordinator sees a new member and rebalances. What was done is committed on the revoke.
+    fn rejoin(&self) -> Result<(), String> {
+        // Who the coordinator thinks is in the group: with a coordinator that keeps dead
+        // members, the operator sees them named here.
+        match self
+            .consumer
+            .fetch_group_list(Some(&self.group), REQUEST_TIMEOUT)
+        {
+            Ok(list) => {
+                for group in list.groups() {
+                    let members: Vec<String> = group
+                        .members()
+                        .iter()
+                        .map(|m| format!("{} ({} at {})", m.id(), m.client_id(), m.client_host()))
+                        .collect();
+                    tracing::warn!(
+                        group = group.name(),
+                        state = group.state(),
+                        members = members.len(),
+                        "the coordinator lists these members: {}",
+                        members.join(", ")
+                    );
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot describe the group"),
+        }
+        self.consumer.unsubscribe();
+        self.consumer
+            .subscribe(&[&self.topic])
+            .map_err(|e| format!("cannot subscribe to topic '{}' again: {e}", self.topic))
+    }
+
+    fn stalled(&self) -> Option<String> {
+        lock(&self.stalled).clone()
     }
 
     fn positions(&self) -> HashMap<i32, LocalPosition> {
@@ -1240,6 +1420,20 @@ impl Drop for KafkaDelivery {
     fn drop(&mut self) {
         self.finish(None);
     }
+}
+
+/// Names the stuck partitions, their lag and the window, for the log, `/ready` and `/stats`.
+fn stall_reason(stuck: &[Stuck], window: Duration) -> String {
+    let partitions: Vec<String> = stuck
+        .iter()
+        .map(|s| format!("{} (lag {})", s.partition, s.lag))
+        .collect();
+    format!(
+        "consumer group stalled: partitions {} have lag and no member committed on them for {}s \
+         (twice the session timeout)",
+        partitions.join(", "),
+        window.as_secs()
+    )
 }
 
 /// Reads a record as an event: ours (protobuf) or a plain Kafka producer's (raw payload).

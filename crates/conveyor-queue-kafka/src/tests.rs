@@ -13,37 +13,7 @@ use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue};
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig, Publisher, Queue};
 use conveyor_testkit::KafkaBroker;
 
-use crate::{KafkaConfig, KafkaDeadLetters, KafkaQueue};
-
-/// An in-process mock Kafka cluster, owned by a thread of its own (its handle cannot move
-/// between threads); dropped, with its topics, when the guard is.
-struct MockKafka {
-    bootstrap: String,
-    _stop: std::sync::mpsc::Sender<()>,
-}
-
-impl MockKafka {
-    fn start(topics: &[(&str, i32)]) -> MockKafka {
-        let topics: Vec<(String, i32)> = topics.iter().map(|(t, p)| (t.to_string(), *p)).collect();
-        let (ready, bootstrap) = std::sync::mpsc::channel();
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-            for (topic, partitions) in &topics {
-                cluster
-                    .create_topic(topic, *partitions, 1)
-                    .expect("mock topic");
-            }
-            ready.send(cluster.bootstrap_servers()).expect("report");
-            // Blocks until the guard (the sender) is dropped.
-            let _ = stopped.recv();
-        });
-        MockKafka {
-            bootstrap: bootstrap.recv().expect("mock cluster started"),
-            _stop: stop,
-        }
-    }
-}
+use crate::{KafkaConfig, KafkaDeadLetters, KafkaQueue, MockKafka};
 
 static TOPICS: AtomicUsize = AtomicUsize::new(0);
 
@@ -69,7 +39,7 @@ async fn on_mock(capacity: usize) -> (KafkaQueue, MockKafka) {
     let probe = test_config(String::new(), capacity);
     let mock = MockKafka::start(&[(&probe.topic, 3), (&probe.dlq_topic, 1)]);
     let config = KafkaConfig {
-        brokers: mock.bootstrap.clone(),
+        brokers: mock.bootstrap().to_owned(),
         ..probe
     };
     let queue = KafkaQueue::connect(config)
@@ -316,4 +286,155 @@ async fn a_broker_that_is_gone_makes_publishes_fail_fast_not_hang() {
     let started = tokio::time::Instant::now();
     queue.shutdown().await;
     assert!(started.elapsed() < Duration::from_secs(10), "shutdown hung");
+}
+
+/// A member that joined the group and owns partitions but never consumes them (it is alive:
+/// it heartbeats and serves its rebalances): their lag stands still. The other member must
+/// find the group stalled, not before twice the session timeout, report it in its health and
+/// stats, count it and rejoin; and once the partitions are consumed again, clear it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_nobody_consumes_is_reported_as_a_stall_and_the_member_rejoins() {
+    let probe = test_config(String::new(), 10_000);
+    let mock = MockKafka::start(&[(&probe.topic, 3), (&probe.dlq_topic, 1)]);
+    let config = KafkaConfig {
+        brokers: mock.bootstrap().to_owned(),
+        partition_key: crate::PartitionKey::Id,
+        ..probe
+    };
+    let window = config.session_timeout * 2;
+    let queue = KafkaQueue::connect(config.clone()).await.expect("connect");
+    let sent: Vec<_> = (0..300).map(|i| event(&format!("stall-{i}"))).collect();
+    for result in queue.publish(sent).await {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    // The idle member: a second process's member whose workers never take anything. Its
+    // receiver keeps polling (it may hold everything), so it stays in the group and serves
+    // rebalances, and it never commits.
+    let idle = KafkaQueue::connect(KafkaConfig {
+        max_held: 1_000_000,
+        ..config.clone()
+    })
+    .await
+    .expect("connect the idle member");
+    let _idle_consumer = idle.subscribe().await.expect("subscribe");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while idle
+        .stats()
+        .await
+        .group
+        .is_none_or(|g| g.assigned.len() != 3)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle member never got the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let joined = tokio::time::Instant::now();
+    let mut consumer = queue.subscribe().await.expect("subscribe");
+    let mut consumed = BTreeSet::new();
+    let stats = loop {
+        for delivery in consumer
+            .fetch(100, Duration::from_millis(100))
+            .await
+            .expect("fetch")
+        {
+            consumed.insert(delivery.event.id.to_string());
+            delivery.ack().await.expect("ack");
+        }
+        let stats = queue.stats().await;
+        let group = stats.group.clone().expect("a member reports its group");
+        if group.stalls >= 1 {
+            break stats;
+        }
+        assert!(
+            joined.elapsed() < Duration::from_secs(30),
+            "no stall found while the idle member held partitions: {group:?}"
+        );
+    };
+    assert!(
+        joined.elapsed() >= window,
+        "a stall is declared only after twice the session timeout, not after {:?}",
+        joined.elapsed()
+    );
+    let group = stats.group.expect("group");
+    assert!(group.stalled, "{group:?}");
+    assert!(group.assigned.len() < 3, "{group:?}");
+    match queue.health().await {
+        conveyor_queue::Health::Unhealthy(reason) => {
+            assert!(reason.contains("consumer group stalled"), "{reason}")
+        }
+        healthy => panic!("a stalled member is not healthy: {healthy:?}"),
+    }
+    // The idle member goes away (leaves the group): this one takes over, consumes everything,
+    // and the stall clears.
+    idle.shutdown().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for delivery in consumer
+            .fetch(100, Duration::from_millis(100))
+            .await
+            .expect("fetch")
+        {
+            consumed.insert(delivery.event.id.to_string());
+            delivery.ack().await.expect("ack");
+        }
+        let stats = queue.stats().await;
+        let lag: u64 = stats.partitions.iter().map(|p| p.lag).sum();
+        let group = stats.group.expect("group");
+        if lag == 0 && !group.stalled && queue.health().await == conveyor_queue::Health::Healthy {
+            assert_eq!(group.assigned, [0, 1, 2]);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still lag {lag} / {group:?} after the idle member left"
+        );
+    }
+    assert_eq!(
+        consumed.len(),
+        300,
+        "every event consumed once the group moved on"
+    );
+    queue.shutdown().await;
+}
+
+/// Roles starting at once against a broker that lacks the topics (issue #17, defect 3): each
+/// one creates or finds them, none fails, and the topics have the partitions asked for.
+/// Twenty rounds of five, each on a broker just started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_roles_starting_together_all_create_or_find_the_topics() {
+    for round in 0..20 {
+        let broker = KafkaBroker::start();
+        let config = test_config(broker.bootstrap(), 1000);
+        let starts: Vec<_> = (0..5)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let queue = KafkaQueue::connect(config).await?;
+                    KafkaDeadLetters::open(&queue).await?;
+                    Ok::<_, String>(queue)
+                })
+            })
+            .collect();
+        let mut queues = Vec::new();
+        for (role, start) in starts.into_iter().enumerate() {
+            match start.await.expect("start task") {
+                Ok(queue) => queues.push(queue),
+                Err(error) => panic!("round {round}, role {role} failed to start: {error}"),
+            }
+        }
+        let inner = queues[0].inner();
+        let events = crate::queue::topic_partitions(inner, &config.topic)
+            .await
+            .expect("metadata");
+        assert_eq!(events.len(), 3, "round {round}: {events:?}");
+        let dlq = crate::queue::topic_partitions(inner, &config.dlq_topic)
+            .await
+            .expect("metadata");
+        assert_eq!(dlq.len(), 1, "round {round}: {dlq:?}");
+        for queue in queues {
+            queue.shutdown().await;
+        }
+    }
 }

@@ -5,27 +5,28 @@
 use std::path::Path;
 use std::time::Duration;
 
+use conveyor_queue_kafka::MockKafka;
 use conveyor_testkit::{KafkaBroker, NatsServer, free_port};
 use serde_json::json;
 
 use crate::delivery::{
-    POISON_ARGS, assert_exactly_once, poison_goes_to_the_dlq_while_traffic_flows, send_batches,
-    send_batches_to, sink_counts,
+    Ledger, POISON_ARGS, QUIET, assert_exactly_once, poison_goes_to_the_dlq_while_traffic_flows,
+    send_batches, send_batches_to, sink_counts,
 };
 use crate::harness::{Conveyor, Spawn, eventually, read_sink_file};
 
 /// Kafka settings every test uses: its own broker, and a short session timeout so the group
 /// gives a killed processor's partitions to its successor within seconds.
-fn kafka_env(spawn: Spawn, broker: &KafkaBroker) -> Spawn {
+fn kafka_env(spawn: Spawn, bootstrap: &str) -> Spawn {
     spawn
         .env("QUEUE_TYPE", "kafka")
-        .env("KAFKA_BROKERS", &broker.bootstrap())
+        .env("KAFKA_BROKERS", bootstrap)
         .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("KAFKA_PARTITIONS", "3")
 }
 
-async fn processor_at(broker: &KafkaBroker, port: u16, sink: &Path, extra: &[&str]) -> Conveyor {
-    kafka_env(Spawn::new("processor"), broker)
+async fn processor_at(bootstrap: &str, port: u16, sink: &Path, extra: &[&str]) -> Conveyor {
+    kafka_env(Spawn::new("processor"), bootstrap)
         .without_listen_flags()
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(extra)
@@ -80,11 +81,11 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = dir.path().join("out.ndjson");
     let port = free_port();
-    let mut processor = processor_at(&broker, port, &sink, &[]).await;
+    let mut processor = processor_at(&broker.bootstrap(), port, &sink, &[]).await;
     // One record per batch: tansu answers a fetch from inside a stored batch with the next
     // batch, so a processor resuming mid-batch after a kill would never see the rest of it
     // (a broker bug; Apache Kafka returns the batch and the client skips to the offset).
-    let ingest = kafka_env(Spawn::new("ingest"), &broker)
+    let ingest = kafka_env(Spawn::new("ingest"), &broker.bootstrap())
         .env("KAFKA_PRODUCER_CONFIG", "batch.num.messages=1")
         .start()
         .await;
@@ -112,7 +113,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
         processor.sigkill();
         let _ = processor.wait_exit(Duration::from_secs(10)).await;
         kills += 1;
-        processor = processor_at(&broker, port, &sink, &[]).await;
+        processor = processor_at(&broker.bootstrap(), port, &sink, &[]).await;
         if kills >= 10 {
             break;
         }
@@ -136,7 +137,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_mode_on_kafka_dead_letters_a_poison_event_and_replays_it() {
     let broker = KafkaBroker::start();
-    let conveyor = kafka_env(Spawn::new("run"), &broker)
+    let conveyor = kafka_env(Spawn::new("run"), &broker.bootstrap())
         .args(POISON_ARGS)
         .start()
         .await;
@@ -189,7 +190,7 @@ async fn composite_ingest(strategy: &str) -> CompositeSetup {
 }
 
 fn composite_env(spawn: Spawn, nats: &NatsServer, kafka: &KafkaBroker, strategy: &str) -> Spawn {
-    kafka_env(spawn, kafka)
+    kafka_env(spawn, &kafka.bootstrap())
         .env("QUEUE_TYPE", "composite")
         .env("COMPOSITE_PROVIDERS", "nats,kafka")
         .env("COMPOSITE_STRATEGY", strategy)
@@ -216,7 +217,7 @@ async fn composite_with_both_backends_up_writes_the_same_events_to_each() {
     .start()
     .await;
     // ...and a plain Kafka processor reads the copy, as the migration's new side would.
-    let copy = processor_at(&setup.kafka, free_port(), &kafka_sink, &[]).await;
+    let copy = processor_at(&setup.kafka.bootstrap(), free_port(), &kafka_sink, &[]).await;
     let gateway = gateway_for(&setup.ingest, &[&primary]).await;
     let accepted = send_batches(&gateway, "dual", 5_000, 250, 2).await;
     assert_eq!(accepted.len(), 5_000);
@@ -300,4 +301,365 @@ async fn composite_with_a_secondary_down_fail_fast_refuses_and_best_effort_accep
             "{metrics}"
         );
     }
+}
+
+// Consumer-group failures (issue #17, defect 7) and hand-over on shutdown (defect 4). Each runs
+// against librdkafka's MockCluster, in this test process, whose group coordinator expires a
+// silent member's session and rebalances as Apache Kafka does (the proof of what conveyor
+// itself does), and against tansu, whose coordinator keeps a dead member listed after its
+// session expired (README, Kafka section), so there conveyor's stall defence must step in.
+
+/// The broker a consumer-group test runs against.
+enum Broker {
+    Mock(MockKafka),
+    Tansu(KafkaBroker),
+}
+
+impl Broker {
+    /// The mock holds the topics conveyor would create (it has no CreateTopics).
+    fn mock() -> Broker {
+        Broker::Mock(MockKafka::start(&[
+            ("conveyor-events", 3),
+            ("conveyor-dlq", 1),
+        ]))
+    }
+
+    fn tansu() -> Broker {
+        Broker::Tansu(KafkaBroker::start())
+    }
+
+    fn bootstrap(&self) -> String {
+        match self {
+            Broker::Mock(mock) => mock.bootstrap().to_owned(),
+            Broker::Tansu(tansu) => tansu.bootstrap(),
+        }
+    }
+}
+
+/// An ingest spreading events over the partitions by id, one record per produced batch
+/// (tansu answers a fetch from inside a stored batch with the next batch: README).
+async fn ingest_by_id(bootstrap: &str) -> Conveyor {
+    kafka_env(Spawn::new("ingest"), bootstrap)
+        .env("KAFKA_PARTITION_KEY", "id")
+        .env("KAFKA_PRODUCER_CONFIG", "batch.num.messages=1")
+        .start()
+        .await
+}
+
+/// This processor's group member as its `/stats` shows it (`stats.queue.group`).
+async fn member(processor: &Conveyor) -> serde_json::Value {
+    let (code, body) = processor.get_json("/stats").await;
+    assert_eq!(code, 200, "{body}");
+    body["stats"]["queue"]["group"].clone()
+}
+
+fn assigned(member: &serde_json::Value) -> Vec<i64> {
+    member["assigned"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p.as_i64()).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `processors` hold the 3 partitions between them, each at least one.
+async fn group_formed(processors: &[&Conveyor]) {
+    eventually(
+        "every member to hold partitions",
+        Duration::from_secs(60),
+        async || {
+            let mut each = Vec::new();
+            for processor in processors {
+                each.push(assigned(&member(processor).await));
+            }
+            let mut all: Vec<i64> = each.iter().flatten().copied().collect();
+            all.sort_unstable();
+            if all == [0, 1, 2] && each.iter().all(|a| !a.is_empty()) {
+                Ok(())
+            } else {
+                Err(format!("assignments {each:?}"))
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the file at `sink` holds at least `n` records.
+async fn sink_holds(sink: &Path, n: usize) {
+    eventually(
+        &format!("{} to hold {n} records", sink.display()),
+        Duration::from_secs(60),
+        async || {
+            let len = read_sink_file(sink).len();
+            if len >= n {
+                Ok(())
+            } else {
+                Err(format!("{len}"))
+            }
+        },
+    )
+    .await
+}
+
+/// After a SIGKILL with two sinks: every accepted event reaches one of them, neither holds an
+/// id twice, nothing unexpected. An id may be in both: the killed member wrote it after its
+/// last commit, so the group gives it to the survivor, whose seen-id window knows only its own
+/// sink (Kafka is at-least-once across processes). Returns how many ids are in both.
+async fn none_lost_over(survivor: &Path, dead: &Path, ledger: &Ledger) -> usize {
+    let verdict = ledger
+        .settle(&[survivor, dead], Duration::from_secs(120), QUIET)
+        .await;
+    assert!(
+        verdict.lost.is_empty() && verdict.unexpected.is_empty(),
+        "{verdict}"
+    );
+    for sink in [survivor, dead] {
+        let twice: Vec<_> = sink_counts(&[sink])
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .take(5)
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "{} holds ids twice: {twice:?}",
+            sink.display()
+        );
+    }
+    verdict.duplicated.len()
+}
+
+/// Two processors in one group; one is SIGKILLed mid-stream. After the session timeout the
+/// survivor must own every partition and consume what the dead one left. Returns the
+/// survivor's member stats.
+async fn a_killed_members_partitions_go_to_the_survivor(
+    broker: &Broker,
+    tag: &'static str,
+) -> serde_json::Value {
+    let bootstrap = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (survivor_sink, dead_sink) = (
+        dir.path().join("survivor.ndjson"),
+        dir.path().join("dead.ndjson"),
+    );
+    let survivor = processor_at(&bootstrap, free_port(), &survivor_sink, &[]).await;
+    let doomed = processor_at(&bootstrap, free_port(), &dead_sink, &[]).await;
+    group_formed(&[&survivor, &doomed]).await;
+    let ingest = ingest_by_id(&bootstrap).await;
+    let gateway = gateway_for(&ingest, &[&survivor]).await;
+    let sending = tokio::spawn(send_batches_to(
+        gateway.http().clone(),
+        gateway.url("/api/v1/ingest/batch"),
+        tag,
+        10_000,
+        250,
+        2,
+    ));
+    // In the middle of its work: it has written a share and holds more.
+    sink_holds(&dead_sink, 300).await;
+    doomed.sigkill();
+    let killed_at = tokio::time::Instant::now();
+    let accepted = sending.await.expect("sender");
+    assert_eq!(
+        accepted.len(),
+        10_000,
+        "intake does not depend on the processors"
+    );
+    let both = none_lost_over(&survivor_sink, &dead_sink, &accepted).await;
+    let status = lag_reaches_zero(&gateway).await;
+    let member = member(&survivor).await;
+    // The gateway's status shows the member as the processor reports it (stalls included).
+    assert_eq!(
+        status["processor"]["stats"]["queue"]["group"]["stalls"], member["stalls"],
+        "{status}"
+    );
+    assert_eq!(
+        assigned(&member),
+        [0, 1, 2],
+        "the survivor owns every partition: {member}"
+    );
+    let told: Vec<String> = survivor
+        .stderr_tail()
+        .lines()
+        .filter(|l| {
+            ["partitions assigned", "stalled", "lists these members"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .map(str::to_owned)
+        .collect();
+    eprintln!("{tag}: the survivor said:\n{}", told.join("\n"));
+    eprintln!(
+        "{tag}: all {} events consumed {:?} after the kill; {both} written by both members; survivor {member}",
+        accepted.len(),
+        killed_at.elapsed()
+    );
+    member
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_mock_cluster_a_killed_members_partitions_go_to_the_survivor() {
+    let broker = Broker::mock();
+    let member = a_killed_members_partitions_go_to_the_survivor(&broker, "mockdead").await;
+    assert_eq!(
+        member["stalls"], 0,
+        "a coordinator that expires sessions needs no defence: {member}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_tansu_a_killed_members_partitions_go_to_the_survivor() {
+    let broker = Broker::tansu();
+    let member = a_killed_members_partitions_go_to_the_survivor(&broker, "tansudead").await;
+    // tansu keeps the dead member listed: the survivor got its partition by noticing the stall.
+    assert!(member["stalls"].as_u64() >= Some(1), "{member}");
+}
+
+/// `members` processors in one group; the last is SIGKILLed mid-stream and restarted on the
+/// same port and sink within the session timeout. Once the dead member expired, the new one
+/// must hold partitions, and everything must be consumed. Returns the new member's stats.
+async fn a_member_restarted_within_the_session_timeout_consumes(
+    broker: &Broker,
+    members: usize,
+    tag: &'static str,
+) -> serde_json::Value {
+    let bootstrap = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (other_sink, sink) = (
+        dir.path().join("other.ndjson"),
+        dir.path().join("out.ndjson"),
+    );
+    let other = match members {
+        1 => None,
+        _ => Some(processor_at(&bootstrap, free_port(), &other_sink, &[]).await),
+    };
+    let port = free_port();
+    let processor = processor_at(&bootstrap, port, &sink, &[]).await;
+    let mut group: Vec<&Conveyor> = other.iter().collect();
+    group.push(&processor);
+    group_formed(&group).await;
+    let ingest = ingest_by_id(&bootstrap).await;
+    let gateway = gateway_for(&ingest, &[&processor]).await;
+    let sending = tokio::spawn(send_batches_to(
+        gateway.http().clone(),
+        gateway.url("/api/v1/ingest/batch"),
+        tag,
+        6_000,
+        250,
+        2,
+    ));
+    sink_holds(&sink, 300).await;
+    processor.sigkill();
+    let killed_at = tokio::time::Instant::now();
+    drop(group);
+    drop(processor);
+    let restarted = processor_at(&bootstrap, port, &sink, &[]).await;
+    let restarted_after = killed_at.elapsed();
+    assert!(
+        restarted_after < Duration::from_secs(6),
+        "restarted within the session timeout: {restarted_after:?}"
+    );
+    let accepted = sending.await.expect("sender");
+    assert_eq!(accepted.len(), 6_000);
+    match &other {
+        None => assert_exactly_once(&[&sink], &accepted, Duration::from_secs(120)).await,
+        Some(_) => {
+            let both = none_lost_over(&other_sink, &sink, &accepted).await;
+            eprintln!("{tag}: {both} written by both members");
+        }
+    }
+    lag_reaches_zero(&gateway).await;
+    let mut group: Vec<&Conveyor> = other.iter().collect();
+    group.push(&restarted);
+    group_formed(&group).await;
+    let member = member(&restarted).await;
+    eprintln!(
+        "{tag}: restarted {restarted_after:?} after the kill, all consumed {:?} after it; {member}",
+        killed_at.elapsed()
+    );
+    member
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_mock_cluster_a_member_restarted_within_the_session_timeout_consumes() {
+    for members in [1, 2] {
+        let broker = Broker::mock();
+        let member =
+            a_member_restarted_within_the_session_timeout_consumes(&broker, members, "mockrestart")
+                .await;
+        assert_eq!(member["stalls"], 0, "{members} members: {member}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_tansu_a_member_restarted_within_the_session_timeout_consumes() {
+    for members in [1, 2] {
+        let broker = Broker::tansu();
+        let member = a_member_restarted_within_the_session_timeout_consumes(
+            &broker,
+            members,
+            "tansurestart",
+        )
+        .await;
+        eprintln!("{members} members: {member}");
+    }
+}
+
+/// Issue #17, defect 4: a processor stopped with SIGTERM commits what it finished and leaves
+/// the group before it exits, so the other member owns every partition at once (not after the
+/// session timeout) and consumes the rest of the backlog; nothing is lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_processor_hands_its_partitions_over_at_once() {
+    let broker = Broker::tansu();
+    let bootstrap = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (survivor_sink, stopped_sink) = (
+        dir.path().join("survivor.ndjson"),
+        dir.path().join("stopped.ndjson"),
+    );
+    // A slow stage, so a backlog waits in the partitions when the SIGTERM comes.
+    let slow = ["--stage", "cpu:3000", "--batch-size", "16"];
+    let survivor = processor_at(&bootstrap, free_port(), &survivor_sink, &slow).await;
+    let mut stopping = processor_at(&bootstrap, free_port(), &stopped_sink, &slow).await;
+    group_formed(&[&survivor, &stopping]).await;
+    let ingest = ingest_by_id(&bootstrap).await;
+    let gateway = gateway_for(&ingest, &[&survivor]).await;
+    let accepted = send_batches(&gateway, "handover", 6_000, 250, 2).await;
+    assert_eq!(accepted.len(), 6_000);
+    sink_holds(&stopped_sink, 200).await;
+    let backlog: u64 = gateway.status().await["processor"]["stats"]["queue"]["partitions"]
+        .as_array()
+        .map(|ps| ps.iter().map(|p| p["lag"].as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0);
+    stopping.sigterm();
+    let signalled = tokio::time::Instant::now();
+    let gap = eventually(
+        "the survivor to own every partition",
+        Duration::from_secs(30),
+        async || {
+            let member = member(&survivor).await;
+            if assigned(&member) == [0, 1, 2] {
+                Ok(signalled.elapsed())
+            } else {
+                Err(member.to_string())
+            }
+        },
+    )
+    .await;
+    let status = stopping.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "a SIGTERMed processor exits 0: {status}");
+    assert_exactly_once(
+        &[&survivor_sink, &stopped_sink],
+        &accepted,
+        Duration::from_secs(120),
+    )
+    .await;
+    lag_reaches_zero(&gateway).await;
+    eprintln!(
+        "handover: the survivor owned every partition {gap:?} after the SIGTERM \
+         (backlog {backlog} events, session timeout 6 s)"
+    );
+    // The session timeout is 6 s: a member that did not leave would be dropped only then; one
+    // that leaves is gone after its drain, and the survivor hears of it at its next heartbeat.
+    assert!(
+        gap < Duration::from_secs(1),
+        "the partitions moved {gap:?} after the SIGTERM: the member did not leave the group at once"
+    );
 }

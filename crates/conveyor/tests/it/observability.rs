@@ -550,7 +550,7 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         run_promtool(&["check", "config", config], &dir);
     }
     let rules = run_promtool(&["check", "rules", "alerts.yml"], &dir);
-    assert!(rules.contains("8 rules found"), "{rules}");
+    assert!(rules.contains("9 rules found"), "{rules}");
     let tests = run_promtool(&["test", "rules", "alerts.test.yml"], &dir);
     assert!(tests.contains("SUCCESS"), "{tests}");
 }
@@ -741,8 +741,15 @@ async fn dashboards_and_alerts_use_only_metrics_conveyor_exposes_and_valid_promq
     // Every metric they read exists on a live conveyor (run mode has every family).
     let conveyor = spawn_run(STAGES).await;
     let live = scrape(&conveyor).await;
+    // Kafka's families exist only on a Kafka-backed conveyor (run mode here has the memory
+    // queue): for them, being documented in docs/METRICS.md stands in for being live.
+    let metrics_doc =
+        std::fs::read_to_string(repo_root().join("docs/METRICS.md")).expect("METRICS.md");
     let exists = |name: &str| {
         if name == "up" || live.types.contains_key(name) {
+            return true;
+        }
+        if name.starts_with("conveyor_kafka_") && metrics_doc.contains(&format!("`{name}`")) {
             return true;
         }
         ["_bucket", "_sum", "_count"].iter().any(|suffix| {
