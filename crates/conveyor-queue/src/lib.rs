@@ -11,6 +11,9 @@
 //!   delay, with its attempt count increased) or [`Delivery::term`] (never deliver again; the
 //!   caller has put the event elsewhere, e.g. the dead-letter queue). A delivery that is dropped
 //!   unsettled, or whose consumer goes away, is delivered again.
+//! - **Give back on stop.** [`Consumer::release`] hands back, undelayed, what a consumer has
+//!   received but not handed out (a broker's prefetch), so a stopping processor does not hold
+//!   events until the broker's redelivery deadline.
 //! - **Bounded.** A queue with a capacity refuses publishes beyond it with
 //!   [`PublishError::Full`]; nothing grows without limit.
 //! - **Stats** are counts since start, and depth/in-flight right now.
