@@ -1,10 +1,11 @@
 //! Counting delivery over sinks: send numbered events, writing every promise into a
 //! [`Ledger`], then check it against the sinks. Shared by the broker crash tests.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -149,4 +150,115 @@ pub async fn poison_goes_to_the_dlq_while_traffic_flows(conveyor: &Conveyor) -> 
         "the poison event was never written"
     );
     letters
+}
+
+/// What a set of [`SingleSenders`] saw.
+#[derive(Default)]
+pub struct Answers {
+    /// Every id sent, and every id answered 202.
+    pub ledger: Ledger,
+    /// When each 202 came, since the senders started.
+    pub accepted_at: Vec<Duration>,
+    /// When each 503/429 came.
+    pub refused_at: Vec<Duration>,
+    /// The error codes of the 503/429 answers.
+    pub refusal_codes: BTreeMap<String, usize>,
+    /// 503/429 answers without `Retry-After`.
+    pub without_retry_after: usize,
+    /// Any answer other than 202/503/429, with its body.
+    pub wrong: Vec<String>,
+}
+
+/// Clients that each post one event per request to `/api/v1/ingest` and, as README tells
+/// clients, retry the same event (same id) after a 503 or 429 until it is accepted; every
+/// send and every 202 goes into the ledger. They run until [`finish`](Self::finish).
+pub struct SingleSenders {
+    stop: Arc<AtomicBool>,
+    answers: Arc<Mutex<Answers>>,
+    started: Instant,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SingleSenders {
+    pub fn start(front: &Conveyor, tag: &'static str, clients: usize) -> SingleSenders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(Mutex::new(Answers::default()));
+        let started = Instant::now();
+        let tasks = (0..clients)
+            .map(|client| {
+                let (stop, answers) = (Arc::clone(&stop), Arc::clone(&answers));
+                let http = front.http().clone();
+                let url = front.url("/api/v1/ingest");
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = event_body(tag, client * 1_000_000 + i);
+                        let id = body["id"].as_str().expect("id").to_owned();
+                        answers.lock().expect("answers").ledger.sent([id.as_str()]);
+                        let response = http
+                            .post(&url)
+                            .json(&body)
+                            .send()
+                            .await
+                            .expect("the front door stays up");
+                        let retry_after = response.headers().contains_key("retry-after");
+                        let (code, answer) = read_json(response).await;
+                        let at = started.elapsed();
+                        {
+                            let mut seen = answers.lock().expect("answers");
+                            match code {
+                                202 => {
+                                    let id = answer["messageId"].as_str().expect("messageId");
+                                    seen.ledger.promised(id, "http_single");
+                                    seen.accepted_at.push(at);
+                                    i += 1;
+                                }
+                                503 | 429 => {
+                                    seen.refused_at.push(at);
+                                    let code = answer["error"]["code"].as_str().unwrap_or("none");
+                                    *seen.refusal_codes.entry(code.to_owned()).or_default() += 1;
+                                    if !retry_after {
+                                        seen.without_retry_after += 1;
+                                    }
+                                }
+                                _ => seen.wrong.push(format!("{code}: {answer}")),
+                            }
+                        }
+                        if code != 202 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        SingleSenders {
+            stop,
+            answers,
+            started,
+            tasks,
+        }
+    }
+
+    /// What the senders saw so far.
+    pub fn answers(&self) -> std::sync::MutexGuard<'_, Answers> {
+        self.answers.lock().expect("answers")
+    }
+
+    /// Time since the senders started (the clock of `accepted_at` / `refused_at`).
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Stops the senders (each finishes its request in flight) and returns what they saw.
+    pub async fn finish(self) -> Answers {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("a sender task panicked");
+        }
+        Arc::try_unwrap(self.answers)
+            .ok()
+            .expect("no sender left")
+            .into_inner()
+            .expect("answers")
+    }
 }

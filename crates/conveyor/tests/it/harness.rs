@@ -147,6 +147,17 @@ impl Spawn {
         self
     }
 
+    /// A gateway in front of `ingest`, reporting on `processors`.
+    pub fn gateway_for(ingest: &Conveyor, processors: &[&Conveyor]) -> Self {
+        let urls: Vec<&str> = processors.iter().map(|p| p.base_url()).collect();
+        Spawn::new("gateway").args([
+            "--ingest-url",
+            ingest.base_url(),
+            "--processor-url",
+            &urls.join(","),
+        ])
+    }
+
     /// Leaves out `--host` and `--port`, for tests of the environment variables.
     pub fn without_listen_flags(mut self) -> Self {
         self.listen_flags = false;
@@ -333,13 +344,7 @@ pub async fn spawn_split_with(configure: impl Fn(&str, Spawn) -> Spawn) -> Split
         .args(["--processor-url", processor.base_url()])
         .start()
         .await;
-    let gateway = configure("gateway", Spawn::new("gateway"))
-        .args([
-            "--ingest-url",
-            ingest.base_url(),
-            "--processor-url",
-            processor.base_url(),
-        ])
+    let gateway = configure("gateway", Spawn::gateway_for(&ingest, &[&processor]))
         .start()
         .await;
     Split {

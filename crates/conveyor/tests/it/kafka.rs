@@ -35,19 +35,6 @@ async fn processor_at(bootstrap: &str, port: u16, sink: &Path, extra: &[&str]) -
         .await
 }
 
-async fn gateway_for(ingest: &Conveyor, processors: &[&Conveyor]) -> Conveyor {
-    let urls: Vec<&str> = processors.iter().map(|p| p.base_url()).collect();
-    Spawn::new("gateway")
-        .args([
-            "--ingest-url",
-            ingest.base_url(),
-            "--processor-url",
-            &urls.join(","),
-        ])
-        .start()
-        .await
-}
-
 /// Waits until the consumer group's lag, summed over the partitions `/api/v1/status` shows,
 /// is 0: every event's offset was committed. Returns that status.
 async fn lag_reaches_zero(gateway: &Conveyor) -> serde_json::Value {
@@ -89,7 +76,7 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
         .env("KAFKA_PRODUCER_CONFIG", "batch.num.messages=1")
         .start()
         .await;
-    let gateway = gateway_for(&ingest, &[&processor]).await;
+    let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
 
     let sending = tokio::spawn(send_batches_to(
         gateway.http().clone(),
@@ -218,7 +205,7 @@ async fn composite_with_both_backends_up_writes_the_same_events_to_each() {
     .await;
     // ...and a plain Kafka processor reads the copy, as the migration's new side would.
     let copy = processor_at(&setup.kafka.bootstrap(), free_port(), &kafka_sink, &[]).await;
-    let gateway = gateway_for(&setup.ingest, &[&primary]).await;
+    let gateway = Spawn::gateway_for(&setup.ingest, &[&primary]).start().await;
     let accepted = send_batches(&gateway, "dual", 5_000, 250, 2).await;
     assert_eq!(accepted.len(), 5_000);
     assert_exactly_once(&[&nats_sink], &accepted, Duration::from_secs(60)).await;
@@ -443,7 +430,7 @@ async fn a_killed_members_partitions_go_to_the_survivor(
     let doomed = processor_at(&bootstrap, free_port(), &dead_sink, &[]).await;
     group_formed(&[&survivor, &doomed]).await;
     let ingest = ingest_by_id(&bootstrap).await;
-    let gateway = gateway_for(&ingest, &[&survivor]).await;
+    let gateway = Spawn::gateway_for(&ingest, &[&survivor]).start().await;
     let sending = tokio::spawn(send_batches_to(
         gateway.http().clone(),
         gateway.url("/api/v1/ingest/batch"),
@@ -536,7 +523,7 @@ async fn a_member_restarted_within_the_session_timeout_consumes(
     group.push(&processor);
     group_formed(&group).await;
     let ingest = ingest_by_id(&bootstrap).await;
-    let gateway = gateway_for(&ingest, &[&processor]).await;
+    let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
     let sending = tokio::spawn(send_batches_to(
         gateway.http().clone(),
         gateway.url("/api/v1/ingest/batch"),
@@ -620,7 +607,7 @@ async fn a_stopped_processor_hands_its_partitions_over_at_once() {
     let mut stopping = processor_at(&bootstrap, free_port(), &stopped_sink, &slow).await;
     group_formed(&[&survivor, &stopping]).await;
     let ingest = ingest_by_id(&bootstrap).await;
-    let gateway = gateway_for(&ingest, &[&survivor]).await;
+    let gateway = Spawn::gateway_for(&ingest, &[&survivor]).start().await;
     let accepted = send_batches(&gateway, "handover", 6_000, 250, 2).await;
     assert_eq!(accepted.len(), 6_000);
     sink_holds(&stopped_sink, 200).await;

@@ -3,17 +3,15 @@
 //! and the ids written more than once.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use conveyor_testkit::{NatsServer, free_port};
 
 use crate::delivery::{
-    Ledger, POISON_ARGS, assert_exactly_once, event_body,
+    POISON_ARGS, SingleSenders, assert_exactly_once, event_body,
     poison_goes_to_the_dlq_while_traffic_flows, send_batches, send_batches_to,
 };
-use crate::harness::{Conveyor, Spawn, eventually, read_json, read_sink_file};
+use crate::harness::{Conveyor, Spawn, eventually, read_sink_file};
 
 /// NATS settings every test uses: its own server, and a short AckWait so the broker
 /// redelivers what a killed processor held within seconds.
@@ -40,16 +38,7 @@ async fn nats_ingest_and_gateway(
     processors: &[&Conveyor],
 ) -> (Conveyor, Conveyor) {
     let ingest = nats_env(Spawn::new("ingest"), server).start().await;
-    let urls: Vec<&str> = processors.iter().map(|p| p.base_url()).collect();
-    let gateway = Spawn::new("gateway")
-        .args([
-            "--ingest-url",
-            ingest.base_url(),
-            "--processor-url",
-            &urls.join(","),
-        ])
-        .start()
-        .await;
+    let gateway = Spawn::gateway_for(&ingest, processors).start().await;
     (ingest, gateway)
 }
 
@@ -124,50 +113,15 @@ async fn processor_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(
 async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_503() {
     let mut server = NatsServer::start();
     let conveyor = nats_env(Spawn::new("run"), &server).start().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let unavailable = Arc::new(AtomicUsize::new(0));
-    let ledger = Ledger::new();
-    let mut senders = Vec::new();
-    for task in 0..8 {
-        let (stop, unavailable) = (Arc::clone(&stop), Arc::clone(&unavailable));
-        let http = conveyor.http().clone();
-        let url = conveyor.url("/api/v1/ingest");
-        let ledger = ledger.clone();
-        senders.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let body = event_body(&format!("outage-{task}"), i);
-                ledger.sent([body["id"].as_str().expect("id")]);
-                i += 1;
-                let response = http
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("the gateway stays up");
-                let (code, answer) = read_json(response).await;
-                match code {
-                    202 => ledger.promised(
-                        answer["messageId"].as_str().expect("messageId"),
-                        "http_single",
-                    ),
-                    503 => {
-                        assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
-                        unavailable.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    other => panic!("unexpected answer {other} during a broker outage: {answer}"),
-                }
-            }
-        }));
-    }
+    let senders = SingleSenders::start(&conveyor, "outage", 8);
+    let unavailable = || senders.answers().refused_at.len();
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.kill();
     eventually(
         "clients to get 503 while the broker is down",
         Duration::from_secs(20),
         async || {
-            let n = unavailable.load(Ordering::Relaxed);
+            let n = unavailable();
             if n >= 10 {
                 Ok(())
             } else {
@@ -177,15 +131,22 @@ async fn broker_sigkilled_during_intake_loses_no_accepted_event_and_clients_get_
     )
     .await;
     let (ready, _) = conveyor.get_json("/ready").await;
-    let during = unavailable.load(Ordering::Relaxed);
+    let during = unavailable();
     server.restart();
     // Intake resumes by itself.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    for sender in senders {
-        sender.await.expect("sender");
-    }
-    let accepted = ledger;
+    let answers = senders.finish().await;
+    assert!(
+        answers.wrong.is_empty(),
+        "answers other than 202/503: {:?}",
+        answers.wrong
+    );
+    assert_eq!(
+        answers.refusal_codes.keys().collect::<Vec<_>>(),
+        ["unavailable"],
+        "a broker outage is 503 unavailable"
+    );
+    let accepted = answers.ledger;
     assert!(during > 0, "clients got 503 during the outage");
     assert_eq!(ready, 503, "/ready reports the broker outage");
     let sink = conveyor.sink_path().to_owned();

@@ -6,15 +6,13 @@
 //! status and readiness pages must say what the cluster is going through.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use conveyor_testkit::{NatsCluster, NatsServer, free_port};
 use serde_json::Value;
 
-use crate::delivery::{Ledger, assert_exactly_once, event_body, send_batches_to};
-use crate::harness::{Conveyor, Spawn, eventually, read_json};
+use crate::delivery::{Answers, SingleSenders, assert_exactly_once, event_body, send_batches_to};
+use crate::harness::{Conveyor, Spawn, eventually};
 
 const STREAM: &str = "CONVEYOR";
 /// Clients sending at once, each one event per request.
@@ -49,15 +47,7 @@ async fn start_system(cluster: &NatsCluster) -> System {
         .start()
         .await;
     let ingest = cluster_env(Spawn::new("ingest"), cluster).start().await;
-    let gateway = Spawn::new("gateway")
-        .args([
-            "--ingest-url",
-            ingest.base_url(),
-            "--processor-url",
-            processor.base_url(),
-        ])
-        .start()
-        .await;
+    let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
     System {
         processor,
         ingest,
@@ -67,86 +57,20 @@ async fn start_system(cluster: &NatsCluster) -> System {
     }
 }
 
-/// What the clients saw.
-#[derive(Default)]
-struct Seen {
-    /// Every id sent, and every id answered 202.
-    ledger: Ledger,
-    /// When each 503/429 came, since the clients started.
-    refused_at: Vec<Duration>,
-    /// When each 202 came.
-    accepted_at: Vec<Duration>,
-    /// Any answer other than 202/503/429, with its body.
-    wrong: Vec<String>,
-}
-
-/// Eight clients, each sending one event per request and, as README tells clients, retrying
-/// the same event (same id) after a 503 or 429 until it is accepted.
-struct Clients {
-    stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Seen>>,
-    started: Instant,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
+/// Eight clients retrying the same event after a 503 (see [`SingleSenders`]).
+struct Clients(SingleSenders);
 
 impl Clients {
     fn start(gateway: &Conveyor, tag: &'static str) -> Clients {
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let started = Instant::now();
-        let tasks = (0..CLIENTS)
-            .map(|client| {
-                let (stop, seen) = (Arc::clone(&stop), Arc::clone(&seen));
-                let http = gateway.http().clone();
-                let url = gateway.url("/api/v1/ingest");
-                tokio::spawn(async move {
-                    let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let body = event_body(tag, client * 1_000_000 + i);
-                        let id = body["id"].as_str().expect("id").to_owned();
-                        seen.lock().expect("seen").ledger.sent([id.as_str()]);
-                        let response = http
-                            .post(&url)
-                            .json(&body)
-                            .send()
-                            .await
-                            .expect("the gateway stays up");
-                        let (code, answer) = read_json(response).await;
-                        let at = started.elapsed();
-                        {
-                            let mut seen = seen.lock().expect("seen");
-                            match code {
-                                202 => {
-                                    let id = answer["messageId"].as_str().expect("messageId");
-                                    seen.ledger.promised(id, "http_single");
-                                    seen.accepted_at.push(at);
-                                    i += 1;
-                                }
-                                503 | 429 => seen.refused_at.push(at),
-                                _ => seen.wrong.push(format!("{code}: {answer}")),
-                            }
-                        }
-                        if code != 202 {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        Clients {
-            stop,
-            seen,
-            started,
-            tasks,
-        }
+        Clients(SingleSenders::start(gateway, tag, CLIENTS))
     }
 
     fn accepted(&self) -> usize {
-        self.seen.lock().expect("seen").ledger.len()
+        self.0.answers().ledger.len()
     }
 
     fn now(&self) -> Duration {
-        self.started.elapsed()
+        self.0.now()
     }
 
     /// Waits until intake is steady again after an outage that began at `since`: for the last
@@ -158,7 +82,7 @@ impl Clients {
         loop {
             let now = self.now();
             let outage = {
-                let seen = self.seen.lock().expect("seen");
+                let seen = self.0.answers();
                 let recent = now.saturating_sub(steady);
                 let quiet = seen.refused_at.iter().all(|t| *t < recent);
                 let flowing = seen.accepted_at.iter().filter(|t| **t >= recent).count();
@@ -205,16 +129,8 @@ impl Clients {
         }
     }
 
-    async fn finish(self) -> Seen {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await.expect("client task");
-        }
-        Arc::try_unwrap(self.seen)
-            .ok()
-            .expect("no client left")
-            .into_inner()
-            .expect("seen")
+    async fn finish(self) -> Answers {
+        self.0.finish().await
     }
 }
 
@@ -263,7 +179,7 @@ impl Outage {
 
 /// After the clients stopped: no wrong answer, a short burst at most, intake resumed, every
 /// accepted event (and a final batch run) in the sink exactly once.
-async fn assert_delivered(system: &System, seen: Seen, after_tag: &'static str) {
+async fn assert_delivered(system: &System, seen: Answers, after_tag: &'static str) {
     assert!(
         seen.wrong.is_empty(),
         "answers other than 202/503/429: {:?}",

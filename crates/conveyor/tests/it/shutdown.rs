@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::harness::{
-    Conveyor, eventually, id_counts, read_json, sample_event, spawn_run, spawn_split, total,
+    Conveyor, eventually, id_counts, ingest_one, read_json, sample_event, spawn_run, spawn_split,
+    total,
 };
 use crate::ledger::Ledger;
 
@@ -206,17 +207,7 @@ async fn split_processor_sigterm_under_load_drains_its_queue_and_exits_0() {
 async fn idle_process_exits_0_on_sigterm_and_keeps_what_it_processed() {
     let mut conveyor = spawn_run(&[]).await;
     let sample = sample_event("idle", "sd", 1, true);
-    let (code, body) = read_json(
-        conveyor
-            .http()
-            .post(conveyor.url("/api/v1/ingest"))
-            .json(&sample.body)
-            .send()
-            .await
-            .expect("POST /api/v1/ingest"),
-    )
-    .await;
-    assert_eq!(code, 202, "{body}");
+    ingest_one(&conveyor, &sample).await;
     conveyor.sigterm();
     let exit = conveyor.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(
@@ -249,18 +240,7 @@ async fn an_expiring_drain_timeout_bounds_the_exit_and_names_what_was_left() {
     ])
     .await;
     for i in 0..200 {
-        let sample = sample_event("left", "drain", i, true);
-        let (code, body) = read_json(
-            conveyor
-                .http()
-                .post(conveyor.url("/api/v1/ingest"))
-                .json(&sample.body)
-                .send()
-                .await
-                .expect("POST /api/v1/ingest"),
-        )
-        .await;
-        assert_eq!(code, 202, "{body}");
+        ingest_one(&conveyor, &sample_event("left", "drain", i, true)).await;
     }
     let backlog = assert_backlog(&conveyor).await;
     let started = std::time::Instant::now();

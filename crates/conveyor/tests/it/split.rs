@@ -1,16 +1,13 @@
 //! Split mode: gateway → ingest → processor as three processes, the same traffic mix and the
 //! same guarantees as `conveyor run`.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conveyor_testkit::free_port;
 
-use crate::delivery::{Ledger, QUIET, event_body};
+use crate::delivery::{QUIET, SingleSenders};
 use crate::harness::{
-    Conveyor, Spawn, assert_all_delivered, eventually, read_json, send_mixed_traffic, spawn_split,
+    Conveyor, Spawn, assert_all_delivered, eventually, send_mixed_traffic, spawn_split,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,63 +98,20 @@ async fn an_ingest_dying_mid_request_costs_503s_never_500s() {
     };
     let processor = Spawn::new("processor").start().await;
     let mut ingest = ingest_at(&processor).start().await;
-    let gateway = Spawn::new("gateway")
-        .args([
-            "--ingest-url",
-            ingest.base_url(),
-            "--processor-url",
-            processor.base_url(),
-        ])
-        .start()
-        .await;
+    let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
 
-    let ledger = Ledger::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let answers = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
-    let mut senders = Vec::new();
-    for task in 0..8 {
-        let (ledger, stop, answers) = (ledger.clone(), Arc::clone(&stop), Arc::clone(&answers));
-        let http = gateway.http().clone();
-        let url = gateway.url("/api/v1/ingest");
-        senders.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let body = event_body(&format!("dying-{task}"), i);
-                i += 1;
-                let id = body["id"].as_str().expect("id").to_owned();
-                ledger.sent([id.as_str()]);
-                let response = http
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("the gateway stays up");
-                let retry_after = response.headers().contains_key("retry-after");
-                let (code, answer) = read_json(response).await;
-                *answers.lock().expect("answers").entry(code).or_default() += 1;
-                match code {
-                    202 => ledger.promised(&id, "http_single"),
-                    503 => {
-                        assert!(retry_after, "a 503 carries Retry-After: {answer}");
-                        assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    other => panic!("answer {other} while an ingest died: {answer}"),
-                }
-            }
-        }));
-    }
+    let senders = SingleSenders::start(&gateway, "dying", 8);
     tokio::time::sleep(Duration::from_millis(700)).await;
     ingest.sigkill();
     let _ = ingest.wait_exit(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ingest = ingest_at(&processor).start().await;
-    let promised_at_restart = ledger.len();
+    let promised_at_restart = senders.answers().ledger.len();
     eventually(
         "intake to accept again after the ingest came back",
         Duration::from_secs(20),
         async || {
-            let now = ledger.len();
+            let now = senders.answers().ledger.len();
             if now > promised_at_restart + 100 {
                 Ok(())
             } else {
@@ -169,19 +123,28 @@ async fn an_ingest_dying_mid_request_costs_503s_never_500s() {
         },
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for sender in senders {
-        sender
-            .await
-            .expect("a sender saw an answer other than 202 or 503");
-    }
-    let answers = answers.lock().expect("answers").clone();
-    eprintln!("answers while the ingest died: {answers:?}");
-    assert!(
-        answers.get(&503).copied().unwrap_or(0) > 0,
-        "the ingest's death was seen by clients: {answers:?}"
+    let answers = senders.finish().await;
+    eprintln!(
+        "while the ingest died: {} accepted, 503s by code {:?}",
+        answers.accepted_at.len(),
+        answers.refusal_codes
     );
-    ledger
+    assert!(
+        answers.wrong.is_empty(),
+        "answers other than 202/503 (a 500 is a bug): {:?}",
+        &answers.wrong[..answers.wrong.len().min(5)]
+    );
+    assert_eq!(
+        answers.refusal_codes.keys().collect::<Vec<_>>(),
+        ["unavailable"],
+        "the ingest's death was seen by clients, as 503 unavailable only"
+    );
+    assert_eq!(
+        answers.without_retry_after, 0,
+        "every 503 carries Retry-After"
+    );
+    answers
+        .ledger
         .assert_exactly_once(&[processor.sink_path()], Duration::from_secs(60), QUIET)
         .await;
 }
