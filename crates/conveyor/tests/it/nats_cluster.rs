@@ -69,6 +69,20 @@ impl Clients {
         self.0.answers().ledger.len()
     }
 
+    /// Waits until the clients have 200 events accepted: the system is flowing.
+    async fn get_going(&self) {
+        eventually(
+            "clients to get going",
+            Duration::from_secs(30),
+            async || {
+                (self.accepted() >= 200)
+                    .then_some(())
+                    .ok_or_else(|| format!("{} accepted", self.accepted()))
+            },
+        )
+        .await;
+    }
+
     fn now(&self) -> Duration {
         self.0.now()
     }
@@ -205,16 +219,7 @@ async fn sigkill_of_the_stream_leader_costs_a_short_burst_of_503s_and_no_event()
     let mut cluster = NatsCluster::start().await;
     let system = start_system(&cluster).await;
     let clients = Clients::start(&system.gateway, "leader");
-    eventually(
-        "clients to get going",
-        Duration::from_secs(30),
-        async || {
-            (clients.accepted() >= 200)
-                .then_some(())
-                .ok_or_else(|| format!("{} accepted", clients.accepted()))
-        },
-    )
-    .await;
+    clients.get_going().await;
 
     let leader = leader_node(&cluster).await;
     let killed_at = clients.now();
@@ -246,16 +251,7 @@ async fn a_restarted_node_still_catching_up_and_another_node_killed_lose_no_even
     let mut cluster = NatsCluster::start().await;
     let system = start_system(&cluster).await;
     let clients = Clients::start(&system.gateway, "rejoin");
-    eventually(
-        "clients to get going",
-        Duration::from_secs(30),
-        async || {
-            (clients.accepted() >= 200)
-                .then_some(())
-                .ok_or_else(|| format!("{} accepted", clients.accepted()))
-        },
-    )
-    .await;
+    clients.get_going().await;
 
     // The worst order: the leader dies; once intake is back it is restarted with its store,
     // and while it still catches up on what it missed, the new leader dies too.
