@@ -14,6 +14,7 @@ pub mod process;
 pub mod profiling;
 pub mod queue_metrics;
 pub mod recorded;
+mod text;
 pub mod trace;
 
 use std::net::SocketAddr;

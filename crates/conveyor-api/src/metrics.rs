@@ -18,6 +18,8 @@ use conveyor_core::stats::{PoolStats, QueueStats};
 
 use crate::histogram::Histogram;
 
+use crate::text::{escape, render_value};
+
 /// Request durations, in microseconds: 100 µs to 30 s (see [`crate::histogram`]).
 const REQUEST_MICROS: &[u64] = crate::histogram::DURATION_MICROS;
 
@@ -170,21 +172,6 @@ impl HttpMetrics {
             self.in_flight.load(Ordering::Relaxed).max(0)
         );
     }
-}
-
-/// Appends one metric family with a single unlabelled sample.
-pub fn render_value(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
-}
-
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// The content type of the text exposition format.

@@ -166,7 +166,7 @@ pub fn render_processor(out: &mut String) {
         "conveyor_end_to_end_latency_seconds",
         "From the event's acceptance timestamp until the sink confirmed its write.",
     );
-    crate::metrics::render_value(
+    crate::text::render_value(
         out,
         "conveyor_sink_errors_total",
         "counter",

@@ -12,7 +12,7 @@ use conveyor_api::histogram::Snapshot;
 use conveyor_api::recorded;
 use serde::Serialize;
 
-use crate::routes::Gateway;
+use crate::Gateway;
 use crate::status::SystemStatus;
 
 const PAGE: &str = include_str!("dashboard/index.html");

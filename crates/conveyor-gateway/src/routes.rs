@@ -7,41 +7,16 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use conveyor_api::body::read_replay_request;
-use conveyor_api::metrics::{self, HttpMetrics};
-use conveyor_api::{HttpError, Readiness, ReadyProbe, service_router};
+use conveyor_api::metrics;
+use conveyor_api::{HttpError, ReadyProbe, service_router};
 use conveyor_core::ApiError;
 use conveyor_core::stats::ReplayReport;
 use conveyor_core::stats::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery};
 use conveyor_ingest::grpc::IngestGrpc;
-use conveyor_ingest::http::{self as ingest_http, HttpLimits};
+use conveyor_ingest::http as ingest_http;
 use futures_util::future::join_all;
 
-use crate::peers::{IngestPeer, ProcessorPeer};
-use crate::{Intake, status};
-
-/// Everything the gateway's routes need.
-#[derive(Clone)]
-pub struct Gateway {
-    pub intake: Arc<dyn Intake>,
-    pub ingests: Vec<Arc<dyn IngestPeer>>,
-    pub processors: Vec<Arc<dyn ProcessorPeer>>,
-    pub readiness: Readiness,
-    pub limits: HttpLimits,
-    pub metrics: HttpMetrics,
-}
-
-impl Gateway {
-    /// The whole system's status (`/api/v1/status`, the dashboard and the system metrics).
-    pub async fn status(&self) -> status::SystemStatus {
-        status::collect(
-            &self.ingests,
-            &self.processors,
-            self.intake.own_refusals(),
-            self.readiness.is_ready(),
-        )
-        .await
-    }
-}
+use crate::{Gateway, status};
 
 /// The gateway's HTTP and gRPC routes, on one port.
 pub fn router(gateway: Gateway) -> Router {

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 
 use crate::args::ProgressStyle;
 use crate::recorder::Live;
-use crate::report::{rate, thousands};
+use crate::report::rate;
+use conveyor_core::display::thousands;
 
 const BAR_EVERY: Duration = Duration::from_millis(200);
 const LINE_EVERY: Duration = Duration::from_secs(5);

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::args::{Mode, Plan};
 use crate::recorder::{Counts, Timeline};
+use conveyor_core::display::thousands;
 
 /// The configuration a run used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,19 +165,6 @@ pub fn timeline_report(timeline: &Timeline) -> Vec<SecondReport> {
             },
         })
         .collect()
-}
-
-/// `1234567` → `1,234,567`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// A rate with thousands separators and no decimals.

@@ -1,6 +1,7 @@
 //! `conveyor`: one binary, one subcommand per role.
 
 mod cli;
+mod failure;
 mod otlp;
 mod roles;
 mod shutdown;
@@ -45,11 +46,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(roles::run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(roles::Failure::Config(message)) => {
+        Err(failure::Failure::Config(message)) => {
             eprintln!("error: {message}");
             ExitCode::from(EXIT_CONFIG)
         }
-        Err(roles::Failure::Runtime(error)) => {
+        Err(failure::Failure::Runtime(error)) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }

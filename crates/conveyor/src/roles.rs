@@ -28,6 +28,7 @@ use crate::cli::{
     Command, CompositeProvider, CompositeStrategy, GatewayArgs, IngestArgs, IntakeArgs,
     KafkaPartitionKey, NatsStorage, PoolArgs, ProcessorArgs, QueueArgs, QueueType, RunArgs,
 };
+use crate::failure::Failure;
 use crate::shutdown;
 
 /// Batches a split-mode hop keeps on the wire at once; requests arriving meanwhile are sent
@@ -38,18 +39,6 @@ use crate::shutdown;
 const COALESCE_IN_FLIGHT: usize = 2;
 /// Largest coalesced batch, in events.
 const COALESCE_MAX_BATCH: usize = 2048;
-
-pub enum Failure {
-    /// Bad configuration: exit code 64.
-    Config(String),
-    Runtime(anyhow::Error),
-}
-
-impl From<std::io::Error> for Failure {
-    fn from(error: std::io::Error) -> Self {
-        Failure::Runtime(error.into())
-    }
-}
 
 pub async fn run(command: Command) -> Result<(), Failure> {
     if command.profiling() {

@@ -3,11 +3,11 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use conveyor_load::report::thousands;
+use conveyor_core::display::thousands;
 use serde_json::Value;
 
 use crate::cli::StatusArgs;
-use crate::roles::Failure;
+use crate::failure::Failure;
 
 pub async fn run(args: StatusArgs) -> Result<(), Failure> {
     let base = args.gateway_url.trim_end_matches('/');
@@ -197,9 +197,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn numbers_are_grouped_and_columns_line_up() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(1234567), "1,234,567");
+    fn columns_line_up() {
         let text = columns(&[
             vec!["A".into(), "NAME".into()],
             vec!["1,000".into(), "x".into()],
