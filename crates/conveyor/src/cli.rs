@@ -136,18 +136,28 @@ impl ServeArgs {
     }
 }
 
+/// The body limit of every role that reads events over HTTP or gRPC.
 #[derive(Debug, Args)]
-pub struct IntakeArgs {
+pub struct BodyArgs {
     /// Largest request body (and gRPC message) in bytes.
     #[arg(long, env = "CONVEYOR_MAX_BODY_BYTES", value_name = "CONVEYOR_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
     pub max_body_bytes: u64,
+}
 
+/// The batch limit of the public doors (run, gateway, ingest).
+#[derive(Debug, Args)]
+pub struct BatchArgs {
     /// Most events in one batch request.
     #[arg(long, env = "CONVEYOR_MAX_BATCH_EVENTS", value_name = "CONVEYOR_MAX_BATCH_EVENTS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_batch_events: u64,
+}
 
+/// The per-event rules of the roles that validate events (run, ingest, and a processor's
+/// `/enqueue`); a split-mode gateway leaves validation to ingest.
+#[derive(Debug, Args)]
+pub struct EventArgs {
     /// Deepest nesting of arrays and objects in an event's JSON data (400 nesting_too_deep
     /// beyond it).
     #[arg(long, env = "CONVEYOR_MAX_JSON_DEPTH", value_name = "CONVEYOR_MAX_JSON_DEPTH", default_value_t = 128,
@@ -511,7 +521,11 @@ pub struct RunArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
-    pub intake: IntakeArgs,
+    pub body: BodyArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub events: EventArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
     #[command(flatten)]
@@ -538,7 +552,9 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
-    pub intake: IntakeArgs,
+    pub body: BodyArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
 }
 
 #[derive(Debug, Args)]
@@ -557,7 +573,11 @@ pub struct IngestArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
-    pub intake: IntakeArgs,
+    pub body: BodyArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub events: EventArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
 }
@@ -574,7 +594,9 @@ pub struct ProcessorArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
-    pub intake: IntakeArgs,
+    pub body: BodyArgs,
+    #[command(flatten)]
+    pub events: EventArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
     #[command(flatten)]

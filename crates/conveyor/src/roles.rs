@@ -25,8 +25,9 @@ use conveyor_queue_nats::{NatsConfig, NatsDeadLetters, NatsQueue};
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    Command, CompositeProvider, CompositeStrategy, GatewayArgs, IngestArgs, IntakeArgs,
-    KafkaPartitionKey, NatsStorage, PoolArgs, ProcessorArgs, QueueArgs, QueueType, RunArgs,
+    BatchArgs, BodyArgs, Command, CompositeProvider, CompositeStrategy, EventArgs, GatewayArgs,
+    IngestArgs, KafkaPartitionKey, NatsStorage, PoolArgs, ProcessorArgs, QueueArgs, QueueType,
+    RunArgs,
 };
 use crate::failure::Failure;
 use crate::shutdown;
@@ -86,14 +87,14 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
     let readiness = Readiness::default();
     let ingest = Arc::new(Ingest::new(
         queue.clone() as Arc<dyn Publisher>,
-        event_limits(&args.intake),
+        event_limits(&args.events),
     ));
     let gateway = Gateway {
         intake: Arc::clone(&ingest) as Arc<dyn Intake>,
         ingests: vec![Arc::new(LocalIngest(ingest)) as Arc<dyn IngestPeer>],
         processors: vec![Arc::new(LocalProcessor(Arc::clone(&processor))) as Arc<dyn ProcessorPeer>],
         readiness: readiness.clone(),
-        limits: http_limits(&args.intake),
+        limits: http_limits(&args.body, &args.batch),
         metrics: HttpMetrics::default(),
     };
     let (listener, addr) = listen(&args.serve.host, args.port, "API_PORT").await?;
@@ -120,7 +121,7 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
 }
 
 async fn gateway(args: GatewayArgs) -> Result<(), Failure> {
-    let limits = http_limits(&args.intake);
+    let limits = http_limits(&args.body, &args.batch);
     let remote = RemoteIntake::new(&args.ingest_url, limits.max_body_bytes)
         .map_err(|e| Failure::Config(format!("INGEST_URL (--ingest-url): {e}")))?;
     // Several batches per ingest endpoint on the wire at once; concurrent requests share them.
@@ -173,9 +174,9 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
             queue
         }
     };
-    let ingest = Arc::new(Ingest::new(publisher, event_limits(&args.intake)));
+    let ingest = Arc::new(Ingest::new(publisher, event_limits(&args.events)));
     let readiness = Readiness::default();
-    let limits = http_limits(&args.intake);
+    let limits = http_limits(&args.body, &args.batch);
     let routes = Router::new()
         .merge(ingest_http::routes(
             Arc::clone(&ingest) as Arc<dyn Intake>,
@@ -213,8 +214,8 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     let routes = conveyor_processor::http::routes(
         Arc::clone(&processor),
         readiness.clone(),
-        event_limits(&args.intake),
-        usize::try_from(args.intake.max_body_bytes).unwrap_or(usize::MAX),
+        event_limits(&args.events),
+        to_usize(args.body.max_body_bytes),
     );
     let router = role_router(routes, readiness.clone(), Arc::clone(&processor));
     let (listener, addr) = listen(&args.serve.host, args.port, "PROCESSOR_PORT").await?;
@@ -504,17 +505,17 @@ fn to_usize(value: u64) -> usize {
 }
 
 /// The per-event limits of intake: the defaults, with what the flags set.
-fn event_limits(args: &IntakeArgs) -> Limits {
+fn event_limits(args: &EventArgs) -> Limits {
     Limits {
         max_json_depth: to_usize(args.max_json_depth),
         ..Limits::default()
     }
 }
 
-fn http_limits(args: &IntakeArgs) -> HttpLimits {
+fn http_limits(body: &BodyArgs, batch: &BatchArgs) -> HttpLimits {
     HttpLimits {
-        max_body_bytes: to_usize(args.max_body_bytes),
-        max_batch_events: to_usize(args.max_batch_events),
+        max_body_bytes: to_usize(body.max_body_bytes),
+        max_batch_events: to_usize(batch.max_batch_events),
     }
 }
 

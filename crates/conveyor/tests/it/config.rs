@@ -144,3 +144,21 @@ async fn bad_kafka_and_composite_settings_exit_64_naming_the_setting() {
     )
     .await;
 }
+
+/// A role refuses the flags it would ignore: a processor takes no batch-size limit of the
+/// doors, and a split-mode gateway (which leaves validation to ingest) no JSON depth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_refuses_flags_it_would_ignore() {
+    assert_rejected(
+        Spawn::new("processor").args(["--max-batch-events", "5"]),
+        "processor --max-batch-events",
+        &["--max-batch-events"],
+    )
+    .await;
+    assert_rejected(
+        Spawn::new("gateway").args(["--max-json-depth", "5"]),
+        "gateway --max-json-depth",
+        &["--max-json-depth"],
+    )
+    .await;
+}
