@@ -286,14 +286,6 @@ impl Processor {
                 }
             }
         }
-        let released = consumer.release().await;
-        if released > 0 {
-            tracing::info!(
-                worker,
-                released,
-                "gave back prefetched deliveries for other consumers"
-            );
-        }
         tracing::debug!(worker, "worker stopped");
     }
 

@@ -321,10 +321,18 @@ impl Publisher for NatsQueue {
 #[async_trait]
 impl Queue for NatsQueue {
     async fn subscribe(&self) -> Result<Box<dyn Consumer>, QueueError> {
+        let consumer = self.consumer().await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.inner.config.fetch_batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("cannot start pulling: {e}")))?;
         Ok(Box::new(NatsConsumer {
             queue: self.clone(),
-            consumer: self.consumer().await?,
-            pull: None,
+            messages,
         }))
     }
 
@@ -377,18 +385,9 @@ impl Queue for NatsQueue {
     }
 }
 
-/// How long one pull request stays open on the server. Short, so that a stopping consumer
-/// sees its last request end soon (see [`NatsConsumer::release`]); while a backlog exists a
-/// request ends sooner, when its batch is delivered.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
-
-/// One worker's pulls: at most one pull request (a batch of up to `fetch_batch` messages) open
-/// at a time, so what the server may still send this consumer is always known and bounded.
 struct NatsConsumer {
     queue: NatsQueue,
-    consumer: PullConsumer,
-    /// The open pull request and the messages it has brought that were not handed out yet.
-    pull: Option<pull::Batch>,
+    messages: pull::Stream,
 }
 
 impl NatsConsumer {
@@ -407,89 +406,29 @@ impl NatsConsumer {
             }),
         )
     }
-
-    /// The open pull request, opening one when none is.
-    async fn pull(&mut self) -> Result<&mut pull::Batch, QueueError> {
-        if self.pull.is_none() {
-            let batch = self
-                .consumer
-                .batch()
-                .max_messages(self.queue.inner.config.fetch_batch)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await
-                .map_err(|e| QueueError::Unavailable(format!("cannot pull: {e}")))?;
-            self.pull = Some(batch);
-        }
-        self.pull
-            .as_mut()
-            .ok_or_else(|| QueueError::Unavailable("no pull request".into()))
-    }
 }
 
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let first = loop {
-            let pull = self.pull().await?;
-            match tokio::time::timeout_at(deadline, pull.next()).await {
-                // The request stays open for the next fetch.
-                Err(_) => return Ok(Vec::new()),
-                // The request ended (delivered its batch, or expired): open the next one.
-                Ok(None) => self.pull = None,
-                Ok(Some(Err(error))) => {
-                    self.pull = None;
-                    return Err(QueueError::Unavailable(format!("pulling failed: {error}")));
-                }
-                Ok(Some(Ok(message))) => break message,
+        let first = match tokio::time::timeout(wait, self.messages.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(None) => return Err(QueueError::Unavailable("the pull stream ended".into())),
+            Ok(Some(Err(error))) => {
+                return Err(QueueError::Unavailable(format!("pulling failed: {error}")));
             }
+            Ok(Some(Ok(message))) => message,
         };
         let mut deliveries = Vec::with_capacity(max.min(self.queue.inner.config.fetch_batch));
         deliveries.push(self.delivery(first));
         // Take whatever else has already arrived, without waiting.
         while deliveries.len() < max {
-            let Some(pull) = self.pull.as_mut() else {
-                break;
-            };
-            match pull.next().now_or_never() {
+            match self.messages.next().now_or_never() {
                 Some(Some(Ok(message))) => deliveries.push(self.delivery(message)),
-                Some(None) => self.pull = None,
                 _ => break,
             }
         }
         Ok(deliveries)
-    }
-
-    /// Waits for the open pull request to end (its batch delivered, or [`PULL_EXPIRES`]),
-    /// keeping what it brings, then `-NAK`s all of it without delay. The order matters: a
-    /// message NAKed while this consumer still has a request open would be redelivered to it,
-    /// and a message sent to a request that is given up waits out AckWait.
-    async fn release(&mut self) -> usize {
-        let Some(mut pull) = self.pull.take() else {
-            return 0;
-        };
-        let mut held = Vec::new();
-        let until = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
-        while let Ok(Some(Ok(message))) = tokio::time::timeout_at(until, pull.next()).await {
-            held.push(message);
-        }
-        drop(pull);
-        let mut released = 0;
-        for message in held {
-            match message.ack_with(AckKind::Nak(None)).await {
-                Ok(()) => released += 1,
-                Err(error) => {
-                    tracing::debug!(%error, "cannot give back a prefetched message; the broker redelivers it after AckWait")
-                }
-            }
-        }
-        self.queue
-            .inner
-            .counters
-            .nacked
-            .fetch_add(released as u64, Ordering::Relaxed);
-        released
     }
 }
 

@@ -116,7 +116,7 @@ async fn assert_quiet(consumer: &mut dyn Consumer, quiet: Duration, why: &str) {
         "{why}: got {:?}",
         extra
             .iter()
-            .map(|d| d.event.id.to_string())
+            .map(|d| format!("{} (attempt {})", d.event.id, d.event.attempt))
             .collect::<Vec<_>>()
     );
 }

@@ -11,9 +11,6 @@
 //!   delay, with its attempt count increased) or [`Delivery::term`] (never deliver again; the
 //!   caller has put the event elsewhere, e.g. the dead-letter queue). A delivery that is dropped
 //!   unsettled, or whose consumer goes away, is delivered again.
-//! - **Give back on stop.** [`Consumer::release`] hands back, undelayed, what a consumer has
-//!   received but not handed out (a broker's prefetch), so a stopping processor does not hold
-//!   events until the broker's redelivery deadline.
 //! - **Bounded.** A queue with a capacity refuses publishes beyond it with
 //!   [`PublishError::Full`]; nothing grows without limit.
 //! - **Stats** are counts since start, and depth/in-flight right now.
@@ -132,14 +129,6 @@ pub trait Queue: Publisher {
 pub trait Consumer: Send {
     /// Waits up to `wait` for deliveries and returns between 0 and `max` of them.
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
-
-    /// Gives back, without delay, what this consumer holds but has not handed out (a broker
-    /// client's prefetch), so another consumer gets it at once instead of after the broker's
-    /// redelivery deadline. A worker calls it when it stops; the consumer is dropped after.
-    /// Returns how many deliveries were given back. Nothing to give back by default.
-    async fn release(&mut self) -> usize {
-        0
-    }
 }
 
 /// How a delivery was settled.

@@ -3,7 +3,7 @@
 //! and the ids written more than once.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use conveyor_testkit::{NatsServer, free_port};
 
@@ -203,70 +203,4 @@ async fn three_processors_split_one_stream_and_each_event_is_processed_once() {
             "processor {i} processed only {share} of 30000: the work is not spread"
         );
     }
-}
-
-/// A processor SIGTERMed with a backlog gives back what it had prefetched (NATS `-NAK`, no
-/// delay) instead of keeping it until AckWait: the next processor, started after it exited,
-/// has every event within seconds though AckWait is 30 s. The gap is printed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_processor_gives_back_its_prefetch_at_once() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sink = dir.path().join("out.ndjson");
-    let ack_wait = |spawn: Spawn| spawn.env("CONVEYOR_NATS_ACK_WAIT_SECS", "30");
-    // One slow worker in small batches: most of what it pulled is still unstarted at SIGTERM.
-    let slow = [
-        "--workers",
-        "1",
-        "--batch-size",
-        "8",
-        "--stage",
-        "cpu:20000",
-    ];
-    let mut first = ack_wait(nats_env(Spawn::new("processor"), &server))
-        .args(slow)
-        .sink_at(&sink)
-        .start()
-        .await;
-    let (_ingest, gateway) = nats_ingest_and_gateway(&server, &[&first]).await;
-    let ledger = send_batches(&gateway, "handover", 3_000, 500, 2).await;
-    assert_eq!(ledger.len(), 3_000);
-    eventually(
-        "the slow processor to write some",
-        Duration::from_secs(30),
-        async || {
-            let written = read_sink_file(&sink).len();
-            if written >= 20 {
-                Ok(())
-            } else {
-                Err(format!("{written} written"))
-            }
-        },
-    )
-    .await;
-    first.sigterm();
-    let exit = first.wait_exit(Duration::from_secs(30)).await;
-    assert!(exit.success(), "the stopped processor exits 0: {exit:?}");
-    let stopped = Instant::now();
-    let written_by_first = read_sink_file(&sink).len();
-    assert!(
-        written_by_first < 2_000,
-        "a backlog was left for the next processor ({written_by_first} written)"
-    );
-    let _second = ack_wait(nats_env(Spawn::new("processor"), &server))
-        .sink_at(&sink)
-        .start()
-        .await;
-    ledger
-        .assert_exactly_once(&[&sink], Duration::from_secs(15), Duration::from_secs(1))
-        .await;
-    let gap = stopped.elapsed();
-    eprintln!(
-        "the next processor had all {} events {gap:?} after the first exited",
-        ledger.len()
-    );
-    assert!(
-        gap < Duration::from_secs(15),
-        "the prefetch waited for AckWait (30 s): {gap:?}"
-    );
 }

@@ -17,9 +17,12 @@ use crate::harness::{Conveyor, Spawn, eventually};
 const STREAM: &str = "CONVEYOR";
 /// Clients sending at once, each one event per request.
 const CLIENTS: usize = 8;
-/// The longest burst of 503s a node loss may cost. JetStream elects a new stream leader within
-/// a few seconds; this bounds the behaviour (intake comes back by itself), not a speed.
-const MAX_UNAVAILABLE: Duration = Duration::from_secs(20);
+/// The longest pause a node loss may cost. This bounds the behaviour (intake comes back by
+/// itself), not a speed: a leader's SIGKILL typically costs 4–6 s here, but killing the new
+/// leader while the restarted node still catches up waits for that node (the only other
+/// replica that can make a quorum), 25 s once on a loaded CI run. The measured pauses are
+/// printed.
+const MAX_UNAVAILABLE: Duration = Duration::from_secs(60);
 
 fn cluster_env(spawn: Spawn, cluster: &NatsCluster) -> Spawn {
     spawn
