@@ -82,12 +82,12 @@ pub fn received(door: Door, events: usize) {
     RECEIVED[door as usize].fetch_add(events as u64, Ordering::Relaxed);
 }
 
-const CODES: [ErrorCode; ErrorCode::ALL.len()] = ErrorCode::ALL;
-static ERROR_ANSWERS: [AtomicU64; CODES.len()] = [const { AtomicU64::new(0) }; CODES.len()];
+static ERROR_ANSWERS: [AtomicU64; ErrorCode::ALL.len()] =
+    [const { AtomicU64::new(0) }; ErrorCode::ALL.len()];
 
 /// Counts one request answered with `code` (HTTP error response or gRPC error status).
 pub fn error_answer(code: ErrorCode) {
-    if let Some(slot) = CODES.iter().position(|c| *c == code) {
+    if let Some(slot) = ErrorCode::ALL.iter().position(|c| *c == code) {
         ERROR_ANSWERS[slot].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -198,7 +198,7 @@ pub fn render_edges(out: &mut String) {
         "# HELP conveyor_error_answers_total Requests answered with an error, by error code (HTTP and gRPC).\n\
          # TYPE conveyor_error_answers_total counter\n",
     );
-    for (code, count) in CODES.iter().zip(&ERROR_ANSWERS) {
+    for (code, count) in ErrorCode::ALL.iter().zip(&ERROR_ANSWERS) {
         let _ = writeln!(
             out,
             "conveyor_error_answers_total{{code=\"{}\"}} {}",

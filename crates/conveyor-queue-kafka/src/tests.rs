@@ -334,14 +334,7 @@ async fn a_partition_nobody_consumes_is_reported_as_a_stall_and_the_member_rejoi
     let mut consumer = queue.subscribe().await.expect("subscribe");
     let mut consumed = BTreeSet::new();
     let stats = loop {
-        for delivery in consumer
-            .fetch(100, Duration::from_millis(100))
-            .await
-            .expect("fetch")
-        {
-            consumed.insert(delivery.event.id.to_string());
-            delivery.ack().await.expect("ack");
-        }
+        ack_what_arrives(consumer.as_mut(), &mut consumed).await;
         let stats = queue.stats().await;
         let group = stats.group.clone().expect("a member reports its group");
         if group.stalls >= 1 {
@@ -371,14 +364,7 @@ async fn a_partition_nobody_consumes_is_reported_as_a_stall_and_the_member_rejoi
     idle.shutdown().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        for delivery in consumer
-            .fetch(100, Duration::from_millis(100))
-            .await
-            .expect("fetch")
-        {
-            consumed.insert(delivery.event.id.to_string());
-            delivery.ack().await.expect("ack");
-        }
+        ack_what_arrives(consumer.as_mut(), &mut consumed).await;
         let stats = queue.stats().await;
         let lag: u64 = stats.partitions.iter().map(|p| p.lag).sum();
         let group = stats.group.expect("group");
@@ -436,5 +422,20 @@ async fn five_roles_starting_together_all_create_or_find_the_topics() {
         for queue in queues {
             queue.shutdown().await;
         }
+    }
+}
+
+/// One fetch (up to 100, waiting up to 100 ms): every delivery acked, its id noted.
+async fn ack_what_arrives(
+    consumer: &mut dyn conveyor_queue::Consumer,
+    consumed: &mut BTreeSet<String>,
+) {
+    for delivery in consumer
+        .fetch(100, Duration::from_millis(100))
+        .await
+        .expect("fetch")
+    {
+        consumed.insert(delivery.event.id.to_string());
+        delivery.ack().await.expect("ack");
     }
 }

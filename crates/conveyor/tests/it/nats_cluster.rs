@@ -72,6 +72,19 @@ impl Clients {
         self.0.answers().ledger.len()
     }
 
+    /// SIGKILLs `node`, then waits until intake is steady again (see `wait_until_steady`).
+    async fn kill_and_wait(
+        &self,
+        cluster: &mut NatsCluster,
+        node: usize,
+        steady: Duration,
+        what: &str,
+    ) -> Outage {
+        let killed_at = self.now();
+        cluster.kill(node);
+        self.wait_until_steady(killed_at, steady, what).await
+    }
+
     /// Waits until the clients have 200 events accepted: the system is flowing.
     async fn get_going(&self) {
         eventually(
@@ -225,11 +238,10 @@ async fn sigkill_of_the_stream_leader_costs_a_short_burst_of_503s_and_no_event()
     clients.get_going().await;
 
     let leader = leader_node(&cluster).await;
-    let killed_at = clients.now();
-    cluster.kill(leader);
     let outage = clients
-        .wait_until_steady(
-            killed_at,
+        .kill_and_wait(
+            &mut cluster,
+            leader,
             Duration::from_secs(3),
             "after the leader's SIGKILL",
         )
@@ -259,19 +271,21 @@ async fn a_restarted_node_still_catching_up_and_another_node_killed_lose_no_even
     // The worst order: the leader dies; once intake is back it is restarted with its store,
     // and while it still catches up on what it missed, the new leader dies too.
     let first = leader_node(&cluster).await;
-    let first_at = clients.now();
-    cluster.kill(first);
     let first_outage = clients
-        .wait_until_steady(first_at, Duration::from_secs(2), "after the first SIGKILL")
+        .kill_and_wait(
+            &mut cluster,
+            first,
+            Duration::from_secs(2),
+            "after the first SIGKILL",
+        )
         .await;
     cluster.restart(first);
     let second = leader_node(&cluster).await;
     assert_ne!(second, first);
-    let second_at = clients.now();
-    cluster.kill(second);
     let second_outage = clients
-        .wait_until_steady(
-            second_at,
+        .kill_and_wait(
+            &mut cluster,
+            second,
             Duration::from_secs(3),
             "after the second SIGKILL",
         )
