@@ -286,6 +286,7 @@ impl Processor {
                 }
             }
         }
+        consumer.release().await;
         tracing::debug!(worker, "worker stopped");
     }
 
@@ -599,107 +600,4 @@ fn record_spans<'a>(start_ns: u64, events: impl Iterator<Item = (&'a Event, Opti
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sink::FileSink;
-    use conveyor_queue::dlq::MemoryDeadLetters;
-    use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let config = ProcessorConfig {
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(350),
-            ..ProcessorConfig::default()
-        };
-        assert_eq!(config.backoff(1), Duration::from_millis(100));
-        assert_eq!(config.backoff(2), Duration::from_millis(200));
-        assert_eq!(config.backoff(3), Duration::from_millis(350));
-        assert_eq!(config.backoff(60), Duration::from_millis(350));
-    }
-
-    fn event(id: &str, poison: bool) -> Event {
-        let mut event = conveyor_queue::conformance::event(id);
-        if poison {
-            std::sync::Arc::make_mut(&mut event.metadata).insert("poison".into(), "yes".into());
-        }
-        event
-    }
-
-    #[tokio::test]
-    async fn writes_good_events_once_and_dead_letters_poison_after_max_attempts() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("out.ndjson");
-        let queue = MemoryQueue::new(MemoryQueueConfig::default());
-        let processor = Processor::new(
-            Arc::new(queue.clone()),
-            Pipeline::parse(&["fail-if:poison=yes".into()]).expect("pipeline"),
-            Arc::new(FileSink::open(&path).expect("sink")),
-            Arc::new(MemoryDeadLetters::new(10)),
-            ProcessorConfig {
-                workers: 2,
-                max_attempts: 3,
-                backoff_initial: Duration::from_millis(5),
-                ..ProcessorConfig::default()
-            },
-        );
-        let mut events: Vec<Event> = (0..100).map(|i| event(&format!("ok-{i}"), false)).collect();
-        events.push(event("bad", true));
-        queue.try_publish(events);
-        let mut workers = processor.start();
-        assert!(
-            processor.drain(&mut workers, Duration::from_secs(10)).await,
-            "drains"
-        );
-
-        let text = std::fs::read_to_string(&path).expect("sink file");
-        assert_eq!(text.lines().count(), 100, "every good event written once");
-        let stats = processor.stats().await;
-        assert_eq!(stats.pool.processed, 100);
-        assert_eq!(stats.pool.dead_lettered, 1);
-        assert_eq!(
-            stats.pool.retried, 2,
-            "two retries before the third, last attempt"
-        );
-        let (size, letters) = processor.dead_letters().list(10).await;
-        assert_eq!(size, 1);
-        assert_eq!(letters[0].attempts, 3);
-        assert!(letters[0].error.contains("fail-if"));
-        assert_eq!((stats.queue.size, stats.queue.in_flight), (0, 0));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_second_delivery_of_an_event_in_progress_waits_and_is_not_written_twice() {
-        // A broker that redelivers an event while a worker still has it (its ack deadline
-        // passed) hands the copy to another worker. Here: the same id twice in a queue that
-        // does not dedupe, a slow stage, and two workers taking one event each.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("out.ndjson");
-        let queue = MemoryQueue::new(MemoryQueueConfig {
-            dedupe_window: 0,
-            ..MemoryQueueConfig::default()
-        });
-        let processor = Processor::new(
-            Arc::new(queue.clone()),
-            Pipeline::parse(&["cpu:20000".into()]).expect("pipeline"),
-            Arc::new(FileSink::open(&path).expect("sink")),
-            Arc::new(MemoryDeadLetters::new(10)),
-            ProcessorConfig {
-                workers: 2,
-                batch_size: 1,
-                backoff_initial: Duration::from_millis(5),
-                ..ProcessorConfig::default()
-            },
-        );
-        queue.try_publish(vec![event("twice", false), event("twice", false)]);
-        let mut workers = processor.start();
-        assert!(
-            processor.drain(&mut workers, Duration::from_secs(20)).await,
-            "drains"
-        );
-        let text = std::fs::read_to_string(&path).expect("sink file");
-        assert_eq!(text.lines().count(), 1, "written once: {text}");
-        let stats = processor.stats().await;
-        assert_eq!((stats.pool.processed, stats.pool.duplicates), (1, 1));
-    }
-}
+mod tests;

@@ -19,10 +19,10 @@ use conveyor_queue::{
     Consumer, Delivery, DeliveryHandle, Health, PublishError, Published, Publisher, Queue,
     QueueError, Settlement,
 };
-use futures_util::{FutureExt, StreamExt};
 use prost::Message;
 use tokio::sync::Semaphore;
 
+use crate::pull::Puller;
 use crate::{NatsConfig, cluster, setup};
 
 /// Header marking a message as a protobuf `conveyor.v1.Event`.
@@ -321,18 +321,21 @@ impl Publisher for NatsQueue {
 #[async_trait]
 impl Queue for NatsQueue {
     async fn subscribe(&self) -> Result<Box<dyn Consumer>, QueueError> {
-        let consumer = self.consumer().await?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.inner.config.fetch_batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| QueueError::Unavailable(format!("cannot start pulling: {e}")))?;
+        // Makes sure the durable consumer exists (it may have been deleted under us).
+        self.consumer().await?;
+        let config = &self.inner.config;
+        let puller = Puller::start(
+            self.inner.client.clone(),
+            self.inner.js.clone(),
+            &config.stream,
+            &config.consumer,
+            config.fetch_batch,
+        )
+        .await
+        .map_err(QueueError::Unavailable)?;
         Ok(Box::new(NatsConsumer {
             queue: self.clone(),
-            messages,
+            puller,
         }))
     }
 
@@ -387,7 +390,7 @@ impl Queue for NatsQueue {
 
 struct NatsConsumer {
     queue: NatsQueue,
-    messages: pull::Stream,
+    puller: Puller,
 }
 
 impl NatsConsumer {
@@ -411,24 +414,57 @@ impl NatsConsumer {
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let first = match tokio::time::timeout(wait, self.messages.next()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(None) => return Err(QueueError::Unavailable("the pull stream ended".into())),
-            Ok(Some(Err(error))) => {
-                return Err(QueueError::Unavailable(format!("pulling failed: {error}")));
-            }
-            Ok(Some(Ok(message))) => message,
+        let first = match self.puller.next(wait).await {
+            Ok(None) => return Ok(Vec::new()),
+            Ok(Some(message)) => message,
+            Err(error) => return Err(QueueError::Unavailable(format!("pulling failed: {error}"))),
         };
         let mut deliveries = Vec::with_capacity(max.min(self.queue.inner.config.fetch_batch));
         deliveries.push(self.delivery(first));
         // Take whatever else has already arrived, without waiting.
         while deliveries.len() < max {
-            match self.messages.next().now_or_never() {
-                Some(Some(Ok(message))) => deliveries.push(self.delivery(message)),
-                _ => break,
+            match self.puller.ready() {
+                Some(message) => deliveries.push(self.delivery(message)),
+                None => break,
             }
         }
         Ok(deliveries)
+    }
+
+    /// The puller keeps up to a batch requested ahead of `fetch`; a stopping processor would
+    /// otherwise hold those for AckWait before the server gives them to anyone else. So: stop
+    /// the puller (it returns everything the server sent it), then `-NAK` each without delay;
+    /// the server delivers them to another consumer at once.
+    async fn release(self: Box<Self>) {
+        let NatsConsumer { queue, puller } = *self;
+        let held = puller.stop().await;
+        let count = held.len();
+        let naks = held
+            .iter()
+            .map(|message| message.ack_with(AckKind::Nak(None)));
+        let failed = futures_util::future::join_all(naks)
+            .await
+            .into_iter()
+            .filter(Result::is_err)
+            .count();
+        // Settling publishes without waiting for the server; flush so the NAKs are on the
+        // wire before the process goes on to exit.
+        let flushed = queue.inner.client.flush().await;
+        let released = (count - failed) as u64;
+        queue
+            .inner
+            .counters
+            .nacked
+            .fetch_add(released, Ordering::Relaxed);
+        if failed > 0 || flushed.is_err() {
+            tracing::warn!(
+                released,
+                failed,
+                "could not give back every prefetched message; the server redelivers the rest after AckWait"
+            );
+        } else if count > 0 {
+            tracing::debug!(released, "gave back the prefetched messages (-NAK)");
+        }
     }
 }
 

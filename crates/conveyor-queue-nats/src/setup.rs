@@ -215,7 +215,9 @@ fn check_stream(
     }
     if existing.num_replicas.max(1) != wanted.num_replicas.max(1)
         || existing.max_messages != wanted.max_messages
-        || existing.duplicate_window != wanted.duplicate_window
+        // A zero window asks for the server's default (two minutes), which is what it shows.
+        || (!wanted.duplicate_window.is_zero()
+            && existing.duplicate_window != wanted.duplicate_window)
     {
         tracing::warn!(
             stream = %existing.name,

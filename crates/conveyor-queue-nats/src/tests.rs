@@ -115,3 +115,65 @@ async fn keep_alive_holds_a_slow_delivery_past_ack_wait() {
         .await
         .expect("ack");
 }
+
+/// Issue #17, defect 4: the messages a consumer has prefetched but not handed out go to the
+/// next consumer as soon as it is released, not after AckWait (30 s here, as in production).
+#[tokio::test]
+async fn a_released_consumer_gives_its_prefetched_messages_back_at_once() {
+    let server = NatsServer::start();
+    let config = NatsConfig {
+        ack_wait: Duration::from_secs(30),
+        fetch_batch: 64,
+        ..test_config(&server, 1_000)
+    };
+    let queue = NatsQueue::connect(config).await.expect("connect");
+    let events: Vec<_> = (0..200)
+        .map(|i| conveyor_queue::conformance::event(&format!("held-{i:03}")))
+        .collect();
+    let stored = queue.publish(events).await;
+    assert!(stored.iter().all(Result::is_ok), "publish: {stored:?}");
+    let mut first = queue.subscribe().await.expect("subscribe");
+    let taken =
+        conveyor_queue::conformance::fetch_n(first.as_mut(), 1, Duration::from_secs(5)).await;
+    assert_eq!(taken.len(), 1);
+    // The pull request outstanding for `first` brought the rest of its batch, unstarted.
+    let prefetched = eventually_in_flight(&queue, 64).await;
+    taken
+        .into_iter()
+        .next()
+        .expect("one")
+        .ack()
+        .await
+        .expect("ack");
+    first.release().await;
+    let released = tokio::time::Instant::now();
+    let mut next = queue.subscribe().await.expect("subscribe");
+    let rest =
+        conveyor_queue::conformance::fetch_n(next.as_mut(), 199, Duration::from_secs(5)).await;
+    let mut ids: Vec<String> = rest.iter().map(|d| d.event.id.to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        199,
+        "the next consumer got {} of the 199 unprocessed events within 5 s of the release \
+         ({prefetched} were held by the released consumer; AckWait is 30 s)",
+        ids.len()
+    );
+    eprintln!(
+        "{prefetched} held, all 199 at the next consumer {:?} after the release",
+        released.elapsed()
+    );
+}
+
+/// Waits until the server counts at least `at_least` deliveries unacknowledged.
+async fn eventually_in_flight(queue: &NatsQueue, at_least: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let in_flight = queue.stats().await.in_flight;
+        if in_flight >= at_least || tokio::time::Instant::now() > deadline {
+            return in_flight;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

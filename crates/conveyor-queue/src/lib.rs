@@ -73,6 +73,35 @@ pub enum QueueError {
     StaleDelivery,
 }
 
+/// What every backend takes from the role that opens it, besides its own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// `QUEUE_SIZE`: the most events held (memory), the stream's max messages (NATS), the
+    /// most the consumer group may lag (Kafka).
+    pub capacity: u64,
+    /// How many recent event ids a publisher remembers to store a re-published one once
+    /// (memory, Kafka; NATS has the broker's duplicate window).
+    pub dedupe_window: usize,
+    /// Most dead letters kept; 0 for a role that writes none (an ingest), which then opens no
+    /// dead-letter queue.
+    pub dlq_capacity: u64,
+}
+
+/// Why a backend could not be opened at start-up. The binary exits 64 for [`Config`]
+/// (the settings are wrong: retrying cannot help) and 1 for [`Unreachable`].
+///
+/// [`Config`]: OpenError::Config
+/// [`Unreachable`]: OpenError::Unreachable
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// A setting is invalid; the text names the flag or variable and the problem.
+    #[error("{0}")]
+    Config(String),
+    /// The broker did not answer, or refused the set-up (streams, topics, consumers).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
 /// Is the queue usable right now, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -129,6 +158,13 @@ pub trait Queue: Publisher {
 pub trait Consumer: Send {
     /// Waits up to `wait` for deliveries and returns between 0 and `max` of them.
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
+
+    /// Stops consuming and gives back what the consumer has received from the queue but not
+    /// yet handed out by [`fetch`](Self::fetch), so another consumer gets it now instead of
+    /// after the queue's redelivery timeout. A worker calls it when it stops; deliveries
+    /// already handed out are settled by their own handles. By default the consumer is dropped
+    /// (right for a queue that hands out only what `fetch` asks for).
+    async fn release(self: Box<Self>) {}
 }
 
 /// How a delivery was settled.

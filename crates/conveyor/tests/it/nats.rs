@@ -179,6 +179,98 @@ async fn a_poison_event_goes_to_the_dlq_after_max_attempts_while_traffic_flows()
     poison_goes_to_the_dlq_while_traffic_flows(&conveyor).await;
 }
 
+/// Issue #17, defect 4: in a rolling restart, what the stopped processor had prefetched but not
+/// started goes to the running one at once (the stopping processor `-NAK`s it), not after
+/// AckWait. AckWait is the production default here, 30 s, so holding on to it shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_processor_gives_back_what_it_prefetched_at_once() {
+    let server = NatsServer::start();
+    let long_ack_wait =
+        |role| nats_env(Spawn::new(role), &server).env("CONVEYOR_NATS_ACK_WAIT_SECS", "30");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (survivor_sink, stopped_sink) = (
+        dir.path().join("survivor.ndjson"),
+        dir.path().join("stopped.ndjson"),
+    );
+    let survivor = long_ack_wait("processor")
+        .sink_at(&survivor_sink)
+        .start()
+        .await;
+    // One slow worker: it pulls a batch ahead (256) and works through it a few events a second.
+    let mut stopping = long_ack_wait("processor")
+        .args([
+            "--workers",
+            "1",
+            "--batch-size",
+            "4",
+            "--stage",
+            "cpu:100000",
+        ])
+        .sink_at(&stopped_sink)
+        .start()
+        .await;
+    let ingest = long_ack_wait("ingest").start().await;
+    let gateway = Spawn::gateway_for(&ingest, &[&survivor]).start().await;
+    let accepted = send_batches(&gateway, "prefetched", 5_000, 250, 2).await;
+    assert_eq!(accepted.len(), 5_000);
+    // Everything is delivered to one processor or the other, and the fast one is done with its
+    // share: what is still unacknowledged is what the slow one holds.
+    let held = eventually(
+        "the stream to be handed out, and only the slow processor to hold events",
+        Duration::from_secs(60),
+        async || {
+            let queue = &gateway.status().await["processor"]["stats"]["queue"];
+            let (waiting, in_flight) = (queue["size"].as_u64(), queue["in_flight"].as_u64());
+            let written =
+                read_sink_file(&survivor_sink).len() + read_sink_file(&stopped_sink).len();
+            match (waiting, in_flight) {
+                (Some(0), Some(held)) if written as u64 + held == 5_000 => Ok(held),
+                _ => Err(format!("{queue} ({written} written)")),
+            }
+        },
+    )
+    .await;
+    // Any held event would wait out AckWait without the give-back; a handful shows it.
+    assert!(
+        held >= 10,
+        "the slow processor held only {held} events when it was stopped: slow its stage down"
+    );
+    stopping.sigterm();
+    let signalled = tokio::time::Instant::now();
+    let status = stopping.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "a SIGTERMed processor exits 0: {status}");
+    let exited = signalled.elapsed();
+    let gap = eventually(
+        "every accepted event to be written",
+        Duration::from_secs(60),
+        async || {
+            let written =
+                read_sink_file(&survivor_sink).len() + read_sink_file(&stopped_sink).len();
+            if written >= accepted.len() {
+                Ok(signalled.elapsed())
+            } else {
+                Err(format!("{written} of {} written", accepted.len()))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "prefetched: the stopped processor held {held} events, exited {exited:?} after its \
+         SIGTERM; all written {gap:?} after it (AckWait 30 s)"
+    );
+    assert!(
+        gap < Duration::from_secs(10),
+        "the last events were written {gap:?} after the SIGTERM: the stopped processor's \
+         prefetched events waited for AckWait instead of being given back"
+    );
+    assert_exactly_once(
+        &[&survivor_sink, &stopped_sink],
+        &accepted,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processors_split_one_stream_and_each_event_is_processed_once() {
     let server = NatsServer::start();
