@@ -62,6 +62,24 @@ cargo fmt --all -- --check
 step "lints (cargo clippy -D warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "memory-only build (cargo build --no-default-features)"
+# The broker backends are cargo features of the binary; without them it must build, link
+# neither librdkafka nor the NATS client, and refuse a broker QUEUE_TYPE naming the feature.
+if cargo tree -p conveyor --no-default-features -e normal | grep -E "rdkafka|async-nats"; then
+  echo "the memory-only build still depends on a broker client (above)" >&2
+  exit 1
+fi
+cargo build -q -p conveyor --no-default-features
+set +e
+refusal=$(timeout 20 target/debug/conveyor run --queue-type kafka --host 127.0.0.1 --port 0 2>&1)
+code=$?
+set -e
+if [ "$code" != 64 ] || ! grep -q "cargo feature \`kafka\`" <<<"$refusal"; then
+  echo "a memory-only conveyor given QUEUE_TYPE=kafka must exit 64 naming the feature; got $code: $refusal" >&2
+  exit 1
+fi
+echo "memory-only binary: no broker clients; QUEUE_TYPE=kafka refused (exit 64)"
+
 step "tests"
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest not found; installing it"

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 /// Which part of an event picks its partition. Events with the same key stay in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PartitionKey {
     /// The event's source: each source's events stay in order (the default).
     Source,
@@ -9,19 +9,6 @@ pub enum PartitionKey {
     Id,
     /// No key: librdkafka's sticky partitioner spreads batches, no order between events.
     None,
-}
-
-impl std::str::FromStr for PartitionKey {
-    type Err = String;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        match value {
-            "source" => Ok(PartitionKey::Source),
-            "id" => Ok(PartitionKey::Id),
-            "none" => Ok(PartitionKey::None),
-            other => Err(format!("'{other}': expected source, id or none")),
-        }
-    }
 }
 
 /// Where the topic lives and how producing and consuming behave.
@@ -121,17 +108,5 @@ mod tests {
         assert_eq!(parse_overrides("").expect("parses"), vec![]);
         let error = parse_overrides("linger.ms=5,oops").expect_err("refused");
         assert!(error.contains("'oops'"), "{error}");
-    }
-
-    #[test]
-    fn partition_keys_parse() {
-        assert_eq!("source".parse(), Ok(PartitionKey::Source));
-        assert_eq!("none".parse(), Ok(PartitionKey::None));
-        assert!(
-            "sauce"
-                .parse::<PartitionKey>()
-                .expect_err("refused")
-                .contains("sauce")
-        );
     }
 }

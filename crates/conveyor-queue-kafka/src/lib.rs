@@ -34,6 +34,7 @@
 //! (after a crash, the redelivery counts from 1 again); ordering within a partition holds for
 //! first deliveries, while a retried event is processed after the ones behind it.
 
+mod args;
 mod config;
 mod dlq;
 mod mock;
@@ -41,6 +42,7 @@ mod queue;
 pub(crate) mod stall;
 pub mod watermark;
 
+pub use args::{KafkaArgs, Overrides};
 pub use config::{KafkaConfig, PartitionKey, parse_overrides};
 pub use dlq::KafkaDeadLetters;
 pub use mock::MockKafka;

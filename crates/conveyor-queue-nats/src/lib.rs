@@ -28,12 +28,15 @@
 //! What is not promised here: durability under power loss is the broker's own (JetStream file
 //! storage syncs to disk on its own schedule; use replicas for more).
 
+mod args;
 mod cluster;
 mod config;
 mod dlq;
+mod pull;
 mod queue;
 mod setup;
 
+pub use args::{NatsArgs, NatsStorage};
 pub use config::{NatsConfig, parse_servers};
 pub use dlq::NatsDeadLetters;
 pub use queue::NatsQueue;

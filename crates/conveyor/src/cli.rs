@@ -61,7 +61,8 @@ impl Command {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Gateway, ingest and processor in one process, on the memory queue, on one port.
+    /// Gateway, ingest and processor in one process on one port; the memory queue unless
+    /// QUEUE_TYPE names a broker.
     Run(RunArgs),
     /// The front door: HTTP and gRPC ingest, status, DLQ; forwards to ingest over gRPC.
     Gateway(GatewayArgs),
@@ -165,7 +166,9 @@ pub struct EventArgs {
     pub max_json_depth: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// A queue backend. NATS and Kafka are cargo features of the binary (default on); a binary
+/// built without one refuses its `QUEUE_TYPE` at start-up, naming the feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum QueueType {
     Memory,
     Nats,
@@ -200,115 +203,16 @@ pub struct QueueArgs {
     )]
     pub queue_dedupe_window: usize,
 
+    #[cfg(feature = "nats")]
     #[command(flatten)]
-    pub nats: NatsArgs,
+    pub nats: conveyor_queue_nats::NatsArgs,
 
+    #[cfg(feature = "kafka")]
     #[command(flatten)]
-    pub kafka: KafkaArgs,
+    pub kafka: conveyor_queue_kafka::KafkaArgs,
 
     #[command(flatten)]
     pub composite: CompositeArgs,
-}
-
-/// Kafka settings (used with `QUEUE_TYPE=kafka`).
-#[derive(Debug, Args)]
-pub struct KafkaArgs {
-    /// Bootstrap servers, comma-separated host:port.
-    #[arg(
-        long,
-        env = "KAFKA_BROKERS",
-        value_name = "KAFKA_BROKERS",
-        default_value = "localhost:9092"
-    )]
-    pub kafka_brokers: String,
-
-    /// Topic holding the events (created with KAFKA_PARTITIONS when missing).
-    #[arg(
-        long,
-        env = "KAFKA_TOPIC",
-        value_name = "KAFKA_TOPIC",
-        default_value = "conveyor-events"
-    )]
-    pub kafka_topic: String,
-
-    /// Consumer group every processor joins.
-    #[arg(
-        long,
-        env = "KAFKA_CONSUMER_GROUP",
-        value_name = "KAFKA_CONSUMER_GROUP",
-        default_value = "conveyor-processor"
-    )]
-    pub kafka_consumer_group: String,
-
-    /// Partitions of the topics conveyor creates (the most processors that share the work).
-    #[arg(long, env = "KAFKA_PARTITIONS", value_name = "KAFKA_PARTITIONS", default_value_t = 6,
-          value_parser = clap::value_parser!(i32).range(1..=10_000))]
-    pub kafka_partitions: i32,
-
-    /// Replication factor of the topics conveyor creates.
-    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", value_name = "KAFKA_REPLICATION_FACTOR", default_value_t = 1,
-          value_parser = clap::value_parser!(i32).range(1..=16))]
-    pub kafka_replication_factor: i32,
-
-    /// What picks an event's partition: source (each source stays in order), id (even
-    /// spread) or none.
-    #[arg(
-        long,
-        env = "KAFKA_PARTITION_KEY",
-        value_name = "KAFKA_PARTITION_KEY",
-        value_enum,
-        default_value = "source"
-    )]
-    pub kafka_partition_key: KafkaPartitionKey,
-
-    /// Extra librdkafka producer settings, `key=value,key=value` (applied last).
-    #[arg(long, env = "KAFKA_PRODUCER_CONFIG", value_name = "KAFKA_PRODUCER_CONFIG",
-          default_value = "", value_parser = parse_librdkafka_settings)]
-    pub kafka_producer_config: LibrdkafkaSettings,
-
-    /// Extra librdkafka consumer settings, `key=value,key=value` (applied last).
-    #[arg(long, env = "KAFKA_CONSUMER_CONFIG", value_name = "KAFKA_CONSUMER_CONFIG",
-          default_value = "", value_parser = parse_librdkafka_settings)]
-    pub kafka_consumer_config: LibrdkafkaSettings,
-
-    /// Topic holding dead letters.
-    #[arg(
-        long,
-        env = "KAFKA_DLQ_TOPIC",
-        value_name = "KAFKA_DLQ_TOPIC",
-        default_value = "conveyor-dlq"
-    )]
-    pub kafka_dlq_topic: String,
-
-    /// Milliseconds the group waits for a silent processor before giving its partitions to
-    /// the others.
-    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", value_name = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
-    pub kafka_session_timeout_ms: u64,
-
-    /// Milliseconds between commits of the processed watermark.
-    #[arg(long, env = "KAFKA_COMMIT_INTERVAL_MS", value_name = "KAFKA_COMMIT_INTERVAL_MS", default_value_t = 200,
-          value_parser = clap::value_parser!(u64).range(10..=60_000))]
-    pub kafka_commit_interval_ms: u64,
-
-    /// Publishes awaiting their delivery report at once, per process.
-    #[arg(long, env = "KAFKA_MAX_IN_FLIGHT", value_name = "KAFKA_MAX_IN_FLIGHT", default_value_t = 8192,
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub kafka_max_in_flight: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KafkaPartitionKey {
-    Source,
-    Id,
-    None,
-}
-
-/// librdkafka settings passed through.
-pub type LibrdkafkaSettings = Vec<(String, String)>;
-
-fn parse_librdkafka_settings(spec: &str) -> Result<LibrdkafkaSettings, String> {
-    conveyor_queue_kafka::parse_overrides(spec)
 }
 
 /// Dual-write settings (used with `QUEUE_TYPE=composite`).
@@ -323,7 +227,7 @@ pub struct CompositeArgs {
         value_delimiter = ',',
         default_value = "nats,kafka"
     )]
-    pub composite_providers: Vec<CompositeProvider>,
+    pub composite_providers: Vec<QueueType>,
 
     /// fail-fast: accepted only when every backend confirmed; best-effort: when the primary
     /// confirmed (failures on the others are counted and shown).
@@ -337,102 +241,10 @@ pub struct CompositeArgs {
     pub composite_strategy: CompositeStrategy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
-pub enum CompositeProvider {
-    Nats,
-    Kafka,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CompositeStrategy {
     FailFast,
     BestEffort,
-}
-
-/// NATS JetStream settings (used with `QUEUE_TYPE=nats`).
-#[derive(Debug, Args)]
-pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        value_name = "NATS_URL",
-        default_value = "nats://localhost:4222"
-    )]
-    pub nats_url: String,
-
-    /// JetStream stream holding the events.
-    #[arg(
-        long,
-        env = "CONVEYOR_NATS_STREAM",
-        value_name = "CONVEYOR_NATS_STREAM",
-        default_value = "CONVEYOR"
-    )]
-    pub nats_stream: String,
-
-    /// Subject events are published on.
-    #[arg(
-        long,
-        env = "CONVEYOR_NATS_SUBJECT",
-        value_name = "CONVEYOR_NATS_SUBJECT",
-        default_value = "conveyor.events"
-    )]
-    pub nats_subject: String,
-
-    /// Durable pull consumer shared by every processor.
-    #[arg(
-        long,
-        env = "CONVEYOR_NATS_CONSUMER",
-        value_name = "CONVEYOR_NATS_CONSUMER",
-        default_value = "conveyor-processor"
-    )]
-    pub nats_consumer: String,
-
-    /// Stream replicas (1, 3 or 5 on a cluster).
-    #[arg(long, env = "CONVEYOR_NATS_REPLICAS", value_name = "CONVEYOR_NATS_REPLICAS", default_value_t = 1,
-          value_parser = clap::value_parser!(u64).range(1..=5))]
-    pub nats_replicas: u64,
-
-    /// Stream storage: file (survives broker restarts) or memory.
-    #[arg(
-        long,
-        env = "CONVEYOR_NATS_STORAGE",
-        value_name = "CONVEYOR_NATS_STORAGE",
-        value_enum,
-        default_value = "file"
-    )]
-    pub nats_storage: NatsStorage,
-
-    /// Seconds a delivery may stay unacked before the broker redelivers it (AckWait).
-    #[arg(long, env = "CONVEYOR_NATS_ACK_WAIT_SECS", value_name = "CONVEYOR_NATS_ACK_WAIT_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub nats_ack_wait_secs: u64,
-
-    /// Deliveries after which the broker gives up (MaxDeliver); 0 leaves it to the processor,
-    /// which dead-letters after CONVEYOR_MAX_ATTEMPTS.
-    #[arg(
-        long,
-        env = "CONVEYOR_NATS_MAX_DELIVER",
-        value_name = "CONVEYOR_NATS_MAX_DELIVER",
-        default_value_t = 0
-    )]
-    pub nats_max_deliver: u32,
-
-    /// Publishes awaiting their PubAck at once, per process.
-    #[arg(long, env = "CONVEYOR_NATS_MAX_IN_FLIGHT", value_name = "CONVEYOR_NATS_MAX_IN_FLIGHT", default_value_t = 4096,
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub nats_max_in_flight: u64,
-
-    /// Seconds inside which a re-published event id is discarded by the broker.
-    #[arg(long, env = "CONVEYOR_NATS_DUPLICATE_WINDOW_SECS", value_name = "CONVEYOR_NATS_DUPLICATE_WINDOW_SECS",
-          default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub nats_duplicate_window_secs: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum NatsStorage {
-    File,
-    Memory,
 }
 
 #[derive(Debug, Args)]

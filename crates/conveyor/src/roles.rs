@@ -19,15 +19,14 @@ use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{Processor, ProcessorConfig, sink};
 use conveyor_queue::composite::{CompositeQueue, Strategy};
 use conveyor_queue::dlq::{DeadLetterQueue, MemoryDeadLetters};
-use conveyor_queue::{Health, MemoryQueue, MemoryQueueConfig, Publisher, Queue};
-use conveyor_queue_kafka::{KafkaConfig, KafkaDeadLetters, KafkaQueue, PartitionKey};
-use conveyor_queue_nats::{NatsConfig, NatsDeadLetters, NatsQueue};
+use conveyor_queue::{
+    Health, MemoryQueue, MemoryQueueConfig, OpenError, Publisher, Queue, QueueSettings,
+};
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    BatchArgs, BodyArgs, Command, CompositeProvider, CompositeStrategy, EventArgs, GatewayArgs,
-    IngestArgs, KafkaPartitionKey, NatsStorage, PoolArgs, ProcessorArgs, QueueArgs, QueueType,
-    RunArgs,
+    BatchArgs, BodyArgs, Command, CompositeStrategy, EventArgs, GatewayArgs, IngestArgs, PoolArgs,
+    ProcessorArgs, QueueArgs, QueueType, RunArgs,
 };
 use crate::failure::Failure;
 use crate::shutdown;
@@ -291,125 +290,50 @@ fn role_router<V: RoleView>(routes: Router, readiness: Readiness, view: Arc<V>) 
     )
 }
 
-fn nats_config(args: &QueueArgs, dlq_capacity: u64) -> NatsConfig {
-    let nats = &args.nats;
-    NatsConfig {
-        url: nats.nats_url.clone(),
-        stream: nats.nats_stream.clone(),
-        subject: nats.nats_subject.clone(),
-        consumer: nats.nats_consumer.clone(),
-        replicas: to_usize(nats.nats_replicas),
-        file_storage: nats.nats_storage == NatsStorage::File,
-        ack_wait: Duration::from_secs(nats.nats_ack_wait_secs),
-        max_deliver: (nats.nats_max_deliver > 0).then_some(i64::from(nats.nats_max_deliver)),
-        capacity: i64::try_from(args.queue_size).unwrap_or(i64::MAX),
-        duplicate_window: Duration::from_secs(nats.nats_duplicate_window_secs),
-        max_in_flight_publishes: to_usize(nats.nats_max_in_flight),
-        dlq_capacity: i64::try_from(dlq_capacity).unwrap_or(i64::MAX),
-        ..NatsConfig::default()
-    }
-}
-
-/// Connects to NATS and sets up the stream, the consumer and (with `dlq_capacity` > 0) the
-/// dead-letter stream.
-async fn connect_nats(
-    args: &QueueArgs,
-    dlq_capacity: u64,
-) -> Result<(NatsQueue, Option<NatsDeadLetters>), Failure> {
-    let config = nats_config(args, dlq_capacity);
-    // A bad entry in the server list is configuration, not an outage: exit 64 naming it.
-    config
-        .servers()
-        .map_err(|e| Failure::Config(format!("NATS_URL (--nats-url): {e}")))?;
-    let queue = NatsQueue::connect(config.clone())
-        .await
-        .map_err(|e| Failure::Runtime(anyhow::anyhow!("NATS_URL {}: {e}", config.url)))?;
-    let dlq = if dlq_capacity > 0 {
-        Some(
-            NatsDeadLetters::open(queue.jetstream().clone(), &config)
-                .await
-                .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?,
-        )
-    } else {
-        None
-    };
-    Ok((queue, dlq))
-}
-
-fn kafka_config(args: &QueueArgs, dlq_capacity: u64) -> KafkaConfig {
-    let kafka = &args.kafka;
-    KafkaConfig {
-        brokers: kafka.kafka_brokers.clone(),
-        topic: kafka.kafka_topic.clone(),
-        group: kafka.kafka_consumer_group.clone(),
-        partitions: kafka.kafka_partitions,
-        replication_factor: kafka.kafka_replication_factor,
-        partition_key: match kafka.kafka_partition_key {
-            KafkaPartitionKey::Source => PartitionKey::Source,
-            KafkaPartitionKey::Id => PartitionKey::Id,
-            KafkaPartitionKey::None => PartitionKey::None,
-        },
-        capacity: args.queue_size,
-        dedupe_window: args.queue_dedupe_window,
-        max_in_flight_publishes: to_usize(kafka.kafka_max_in_flight),
-        commit_interval: Duration::from_millis(kafka.kafka_commit_interval_ms),
-        session_timeout: Duration::from_millis(kafka.kafka_session_timeout_ms),
-        producer_overrides: kafka.kafka_producer_config.clone(),
-        consumer_overrides: kafka.kafka_consumer_config.clone(),
-        dlq_topic: kafka.kafka_dlq_topic.clone(),
-        dlq_capacity: dlq_capacity.max(1),
-        ..KafkaConfig::default()
-    }
-}
-
-/// Connects to Kafka, creating the topic (and with `dlq_capacity` > 0 the DLQ topic).
-async fn connect_kafka(
-    args: &QueueArgs,
-    dlq_capacity: u64,
-) -> Result<(KafkaQueue, Option<KafkaDeadLetters>), Failure> {
-    let config = kafka_config(args, dlq_capacity);
-    conveyor_queue_kafka::check_settings(&config).map_err(|e| {
-        Failure::Config(format!(
-            "KAFKA_PRODUCER_CONFIG / KAFKA_CONSUMER_CONFIG (--kafka-producer-config / --kafka-consumer-config): {e}"
-        ))
-    })?;
-    let queue = KafkaQueue::connect(config.clone())
-        .await
-        .map_err(|e| Failure::Runtime(anyhow::anyhow!("KAFKA_BROKERS {}: {e}", config.brokers)))?;
-    let dlq = if dlq_capacity > 0 {
-        Some(
-            KafkaDeadLetters::open(&queue)
-                .await
-                .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?,
-        )
-    } else {
-        None
-    };
-    Ok((queue, dlq))
-}
-
-/// One broker backend with its dead-letter queue (`None` when `dlq_capacity` is 0).
+/// One broker backend with its dead-letter queue (`None` when `dlq_capacity` is 0). A backend
+/// left out of this binary's build (a cargo feature) is a configuration error naming it.
 async fn open_broker(
-    provider: CompositeProvider,
+    backend: QueueType,
     args: &QueueArgs,
     dlq_capacity: u64,
 ) -> Result<(Arc<dyn Queue>, Option<Arc<dyn DeadLetterQueue>>), Failure> {
-    Ok(match provider {
-        CompositeProvider::Nats => {
-            let (queue, dlq) = connect_nats(args, dlq_capacity).await?;
-            (
-                Arc::new(queue),
-                dlq.map(|d| Arc::new(d) as Arc<dyn DeadLetterQueue>),
-            )
-        }
-        CompositeProvider::Kafka => {
-            let (queue, dlq) = connect_kafka(args, dlq_capacity).await?;
-            (
-                Arc::new(queue),
-                dlq.map(|d| Arc::new(d) as Arc<dyn DeadLetterQueue>),
-            )
-        }
+    let shared = QueueSettings {
+        capacity: args.queue_size,
+        dedupe_window: args.queue_dedupe_window,
+        dlq_capacity,
+    };
+    let opened = match backend {
+        #[cfg(feature = "nats")]
+        QueueType::Nats => args.nats.open(&shared).await.map(shared_handles),
+        #[cfg(feature = "kafka")]
+        QueueType::Kafka => args.kafka.open(&shared).await.map(shared_handles),
+        QueueType::Memory | QueueType::Composite => Err(OpenError::Config(format!(
+            "{backend:?} is not a broker backend; expected nats or kafka"
+        ))),
+        #[allow(unreachable_patterns, reason = "reached only without a broker feature")]
+        missing => Err(OpenError::Config(format!(
+            "QUEUE_TYPE / COMPOSITE_PROVIDERS {name}: this conveyor was built without the {name} \
+             backend (cargo feature `{name}`; the default build includes it)",
+            name = format!("{missing:?}").to_lowercase()
+        ))),
+    };
+    // Unused only in a build without any broker, where every arm above is an error.
+    let _ = shared;
+    opened.map_err(|error| match error {
+        OpenError::Config(message) => Failure::Config(message),
+        OpenError::Unreachable(message) => Failure::Runtime(anyhow::anyhow!(message)),
     })
+}
+
+/// A backend's queue and dead-letter queue as the roles hold them.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+fn shared_handles<Q: Queue + 'static, D: DeadLetterQueue + 'static>(
+    (queue, dlq): (Q, Option<D>),
+) -> (Arc<dyn Queue>, Option<Arc<dyn DeadLetterQueue>>) {
+    (
+        Arc::new(queue),
+        dlq.map(|d| Arc::new(d) as Arc<dyn DeadLetterQueue>),
+    )
 }
 
 /// The queue and dead-letter queue a role uses, from `QUEUE_TYPE`. With `dlq_capacity` 0
@@ -428,11 +352,11 @@ async fn open_queue(
             Arc::new(MemoryDeadLetters::new(to_usize(dlq_capacity))),
         )),
         QueueType::Nats => {
-            let (queue, dlq) = open_broker(CompositeProvider::Nats, args, dlq_capacity).await?;
+            let (queue, dlq) = open_broker(QueueType::Nats, args, dlq_capacity).await?;
             Ok((queue, dlq.unwrap_or_else(unused_dlq)))
         }
         QueueType::Kafka => {
-            let (queue, dlq) = open_broker(CompositeProvider::Kafka, args, dlq_capacity).await?;
+            let (queue, dlq) = open_broker(QueueType::Kafka, args, dlq_capacity).await?;
             Ok((queue, dlq.unwrap_or_else(unused_dlq)))
         }
         QueueType::Composite => {
@@ -440,9 +364,12 @@ async fn open_queue(
             let mut distinct = providers.clone();
             distinct.sort();
             distinct.dedup();
-            if providers.len() < 2 || distinct.len() != providers.len() {
+            let brokers_only = providers
+                .iter()
+                .all(|p| matches!(p, QueueType::Nats | QueueType::Kafka));
+            if providers.len() < 2 || distinct.len() != providers.len() || !brokers_only {
                 return Err(Failure::Config(format!(
-                    "COMPOSITE_PROVIDERS (--composite-providers) needs two different backends, the primary first (e.g. nats,kafka); got {providers:?}"
+                    "COMPOSITE_PROVIDERS (--composite-providers) needs two different broker backends (nats, kafka), the primary first (e.g. nats,kafka); got {providers:?}"
                 )));
             }
             let mut backends = Vec::with_capacity(providers.len());

@@ -1,5 +1,5 @@
 //! Bad input gets a clear error, changes nothing, and the process keeps serving
-//! (INTERFACE.md "Errors", DESIGN.md contract 5).
+//! (docs/INTERFACE.md "Errors"; ARCHITECTURE.md "Invariants": one error vocabulary).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -138,6 +138,14 @@ async fn bad_kafka_and_composite_settings_exit_64_naming_the_setting() {
     assert_rejected(
         Spawn::new("run")
             .env("QUEUE_TYPE", "composite")
+            .env("COMPOSITE_PROVIDERS", "memory,nats"),
+        "a backend that is not a broker",
+        &["COMPOSITE_PROVIDERS", "broker"],
+    )
+    .await;
+    assert_rejected(
+        Spawn::new("run")
+            .env("QUEUE_TYPE", "composite")
             .env("COMPOSITE_STRATEGY", "yolo"),
         "COMPOSITE_STRATEGY=yolo",
         &["COMPOSITE_STRATEGY"],

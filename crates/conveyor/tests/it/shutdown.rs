@@ -1,5 +1,5 @@
 //! SIGTERM under load: intake stops with 503 `shutting_down`, everything accepted is
-//! processed, and the process exits 0 (INTERFACE.md "Shutdown", DESIGN.md contract 7).
+//! processed, and the process exits 0 (docs/INTERFACE.md "Shutdown"; ARCHITECTURE.md "Shutdown").
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
