@@ -22,8 +22,10 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-use crate::KafkaQueue;
-use crate::queue::{Inner, Logged, blocking, client_config, ensure_topic};
+use crate::admin::ensure_topic;
+use crate::client::{Logged, blocking, client_config};
+use crate::inner::Inner;
+use crate::queue::KafkaQueue;
 
 /// How long a counted size is reused before the topic is read again.
 const SIZE_TTL: Duration = Duration::from_secs(2);

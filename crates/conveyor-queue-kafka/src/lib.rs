@@ -34,19 +34,30 @@
 //! (after a crash, the redelivery counts from 1 again); ordering within a partition holds for
 //! first deliveries, while a retried event is processed after the ones behind it.
 
+mod admin;
 mod args;
+mod client;
+mod codec;
 mod config;
+mod consumer;
 mod dlq;
+mod group;
+mod inner;
+mod lag;
+mod member;
 mod mock;
+mod producer;
 mod queue;
 pub(crate) mod stall;
+mod sync;
 pub mod watermark;
 
 pub use args::{KafkaArgs, Overrides};
+pub use client::check_settings;
 pub use config::{KafkaConfig, PartitionKey, parse_overrides};
 pub use dlq::KafkaDeadLetters;
 pub use mock::MockKafka;
-pub use queue::{KafkaQueue, check_settings};
+pub use queue::KafkaQueue;
 
 #[cfg(test)]
 mod tests;

@@ -411,11 +411,11 @@ async fn five_roles_starting_together_all_create_or_find_the_topics() {
             }
         }
         let inner = queues[0].inner();
-        let events = crate::queue::topic_partitions(inner, &config.topic)
+        let events = crate::admin::topic_partitions(inner, &config.topic)
             .await
             .expect("metadata");
         assert_eq!(events.len(), 3, "round {round}: {events:?}");
-        let dlq = crate::queue::topic_partitions(inner, &config.dlq_topic)
+        let dlq = crate::admin::topic_partitions(inner, &config.dlq_topic)
             .await
             .expect("metadata");
         assert_eq!(dlq.len(), 1, "round {round}: {dlq:?}");
