@@ -105,16 +105,21 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
     println!("  metrics    GET  {url}/metrics");
     println!("  grpc       conveyor.v1.IngestService at {url}");
     println!("  sink       {}", args.pool.sink);
-    let mut workers = processor.start();
+    let workers = processor.start();
+    let draining = drain_pool(
+        Arc::clone(&queue),
+        Arc::clone(&processor),
+        workers,
+        args.serve.drain_timeout(),
+    );
     serve_until_signal(
         listener,
         conveyor_gateway::router(gateway),
         readiness,
         args.serve.drain_timeout(),
+        draining,
     )
     .await?;
-    queue.close().await;
-    drain(&processor, &mut workers, args.serve.drain_timeout()).await;
     queue.shutdown().await;
     Ok(())
 }
@@ -153,6 +158,7 @@ async fn gateway(args: GatewayArgs) -> Result<(), Failure> {
         conveyor_gateway::router(gateway),
         readiness,
         args.serve.drain_timeout(),
+        async {},
     )
     .await
 }
@@ -200,7 +206,14 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
     let router = role_router(routes, readiness.clone(), Arc::new(view));
     let (listener, addr) = listen(&args.serve.host, args.port, "INGEST_PORT").await?;
     announce("ingest", addr);
-    serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await?;
+    serve_until_signal(
+        listener,
+        router,
+        readiness,
+        args.serve.drain_timeout(),
+        async {},
+    )
+    .await?;
     if let Some(queue) = broker {
         queue.shutdown().await;
     }
@@ -219,10 +232,21 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     let router = role_router(routes, readiness.clone(), Arc::clone(&processor));
     let (listener, addr) = listen(&args.serve.host, args.port, "PROCESSOR_PORT").await?;
     announce("processor", addr);
-    let mut workers = processor.start();
-    serve_until_signal(listener, router, readiness, args.serve.drain_timeout()).await?;
-    queue.close().await;
-    drain(&processor, &mut workers, args.serve.drain_timeout()).await;
+    let workers = processor.start();
+    let draining = drain_pool(
+        Arc::clone(&queue),
+        Arc::clone(&processor),
+        workers,
+        args.serve.drain_timeout(),
+    );
+    serve_until_signal(
+        listener,
+        router,
+        readiness,
+        args.serve.drain_timeout(),
+        draining,
+    )
+    .await?;
     queue.shutdown().await;
     Ok(())
 }
@@ -479,20 +503,25 @@ async fn serve_until_signal(
     router: Router,
     readiness: Readiness,
     drain_timeout: Duration,
+    draining: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Failure> {
-    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+    let (drained, on_drained) = tokio::sync::oneshot::channel::<()>();
+    // The listener stays open while the role drains: a client that arrives late gets a
+    // clear 503 `shutting_down` (and `/ready` 503, status and metrics answer) instead of a
+    // refused connection. Only then does the server stop accepting.
     let shutdown = async move {
         shutdown::signal().await;
         tracing::info!("shutdown requested: refusing new events, finishing in-flight work");
         readiness.shut_down();
-        let _ = signalled.send(());
+        draining.await;
+        let _ = drained.send(());
     };
     let server = serve(listener, router, shutdown);
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => served?,
         () = async {
-            if on_signal.await.is_ok() {
+            if on_drained.await.is_ok() {
                 tokio::time::sleep(drain_timeout).await;
             } else {
                 std::future::pending::<()>().await;
@@ -502,6 +531,18 @@ async fn serve_until_signal(
         }
     }
     Ok(())
+}
+
+/// What a role with a worker pool does between the signal and closing its listener: stop
+/// publishing into the queue, then let the workers finish (see `Processor::drain`).
+async fn drain_pool(
+    queue: Arc<dyn Queue>,
+    processor: Arc<Processor>,
+    mut workers: tokio::task::JoinSet<()>,
+    timeout: Duration,
+) {
+    queue.close().await;
+    drain(&processor, &mut workers, timeout).await;
 }
 
 async fn drain(processor: &Processor, workers: &mut tokio::task::JoinSet<()>, timeout: Duration) {
