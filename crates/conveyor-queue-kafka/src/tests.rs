@@ -368,8 +368,13 @@ async fn a_partition_nobody_consumes_is_reported_as_a_stall_and_the_member_rejoi
         let stats = queue.stats().await;
         let lag: u64 = stats.partitions.iter().map(|p| p.lag).sum();
         let group = stats.group.expect("group");
-        if lag == 0 && !group.stalled && queue.health().await == conveyor_queue::Health::Healthy {
-            assert_eq!(group.assigned, [0, 1, 2]);
+        // All three conditions at once: in the middle of the takeover the lag can read 0 for
+        // a partition this member has not been assigned yet.
+        if lag == 0
+            && group.assigned == [0, 1, 2]
+            && !group.stalled
+            && queue.health().await == conveyor_queue::Health::Healthy
+        {
             break;
         }
         assert!(
