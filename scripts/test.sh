@@ -35,7 +35,7 @@ echo "tansu: $tansu_bin"
 
 # observability test dependencies
 # promtool (Debian package `prometheus`) checks live /metrics output, the scrape configs and
-# the alert rules (crates/conveyor/tests/it/observability.rs).
+# the alert rules (crates/conveyor/tests/it/observability/).
 if ! command -v promtool >/dev/null; then
   echo "promtool not found; installing the Debian package prometheus"
   apt_install --no-install-recommends prometheus

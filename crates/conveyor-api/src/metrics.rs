@@ -314,6 +314,12 @@ const POOL_FAMILIES: &[Family<PoolStats>] = &[
         help: "Deliveries skipped because the id was already processed.",
         value: |p| p.duplicates,
     },
+    Family {
+        name: "conveyor_deliveries_deferred_total",
+        kind: "counter",
+        help: "Deliveries handed back for later because another worker had the same id in hand.",
+        value: |p| p.deferred,
+    },
 ];
 
 fn render_families<T>(out: &mut String, families: &[Family<T>], stats: &T) {

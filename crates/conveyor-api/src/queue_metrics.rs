@@ -171,6 +171,7 @@ mod tests {
                 assigned: vec![0, 1],
                 stalled: true,
                 stalls: 2,
+                ..GroupMemberStats::default()
             }),
             ..QueueStats::default()
         };

@@ -78,6 +78,13 @@ pub struct GroupMemberStats {
     pub stalled: bool,
     /// Stalls detected since start; each is followed by a rejoin with a fresh member.
     pub stalls: u64,
+    /// Partitions rebalances took from this member since it joined the group.
+    #[serde(default)]
+    pub revoked: u64,
+    /// Settlements that came after their partition had been revoked (since start): the new
+    /// owner delivers those events again, and the seen-id window skips what was written.
+    #[serde(default)]
+    pub stale_settlements: u64,
 }
 
 /// One Kafka partition as the consumer group sees it.
@@ -136,6 +143,10 @@ pub struct PoolStats {
     pub dead_lettered: u64,
     /// Deliveries skipped because their id was already processed.
     pub duplicates: u64,
+    /// Deliveries handed back for later because another worker had the same id in hand (a
+    /// broker's redelivery of an event still in progress).
+    #[serde(default)]
+    pub deferred: u64,
     pub workers: u64,
     /// Workers busy with a batch right now.
     pub active: u64,

@@ -135,6 +135,7 @@ fn sum_processors(reports: &[(String, Report<ProcessorStats>)]) -> ProcessorStat
         pool.retried += p.retried;
         pool.dead_lettered += p.dead_lettered;
         pool.duplicates += p.duplicates;
+        pool.deferred += p.deferred;
         pool.workers += p.workers;
         pool.active += p.active;
     }

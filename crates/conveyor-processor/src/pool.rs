@@ -71,6 +71,7 @@ struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     duplicates: AtomicU64,
+    deferred: AtomicU64,
     active: AtomicU64,
 }
 
@@ -186,6 +187,7 @@ impl Processor {
                 retried: c.retried.load(Ordering::Relaxed),
                 dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
                 duplicates: c.duplicates.load(Ordering::Relaxed),
+                deferred: c.deferred.load(Ordering::Relaxed),
                 workers: self.config.workers as u64,
                 active: c.active.load(Ordering::Relaxed),
             },
@@ -339,7 +341,12 @@ impl Processor {
         let wait = Settlement::Nack {
             delay: self.config.backoff_initial,
         };
-        settle_all(busy, wait).await;
+        if !busy.is_empty() {
+            self.counters
+                .deferred
+                .fetch_add(busy.len() as u64, Ordering::Relaxed);
+            settle_all(busy, wait).await;
+        }
         if !duplicates.is_empty() {
             self.counters
                 .duplicates

@@ -55,6 +55,8 @@ pub(crate) struct State {
     pub(crate) delayed: BinaryHeap<Reverse<Delayed>>,
     /// Numbers each assignment of a partition, so a delivery from an earlier one is known.
     generations: u64,
+    /// Partitions rebalances took from this member since it joined.
+    pub(crate) revoked: u64,
 }
 
 pub(crate) struct Owned {
@@ -162,6 +164,7 @@ impl ConsumerContext for GroupContext {
             let mut state = lock(&self.shared.state);
             for element in revoked.elements_for_topic(&self.topic) {
                 let partition = element.partition();
+                state.revoked += 1;
                 if let Some(owned) = state.owned.remove(&partition) {
                     if let Some(position) = owned.watermark.position() {
                         let _ = commits.add_partition_offset(
@@ -343,6 +346,10 @@ impl Member {
         lock(&self.stalled).clone()
     }
 
+    pub(crate) fn revoked(&self) -> u64 {
+        lock(&self.shared.state).revoked
+    }
+
     pub(crate) fn positions(&self) -> HashMap<i32, LocalPosition> {
         let state = lock(&self.shared.state);
         state
@@ -388,6 +395,10 @@ impl Member {
         // and not inside a task on the runtime.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while Arc::strong_count(&self) > 1 && std::time::Instant::now() < deadline {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "leaving the group runs on a thread of its own, never on the runtime"
+            )]
             std::thread::sleep(Duration::from_millis(10));
         }
         // Close here, so the group hears this member leave (and reassigns its partitions at

@@ -167,6 +167,8 @@ impl Queue for KafkaQueue {
                     assigned,
                     stalled: m.stalled().is_some(),
                     stalls: counters.stalls.load(Ordering::Relaxed),
+                    revoked: m.revoked(),
+                    stale_settlements: counters.stale.load(Ordering::Relaxed),
                 }
             }),
             ..QueueStats::default()

@@ -101,4 +101,10 @@ async fn a_second_delivery_of_an_event_in_progress_waits_and_is_not_written_twic
     assert_eq!(text.lines().count(), 1, "written once: {text}");
     let stats = processor.stats().await;
     assert_eq!((stats.pool.processed, stats.pool.duplicates), (1, 1));
+    // The path this test is named for ran: the copy came while the first was in hand.
+    assert!(
+        stats.pool.deferred >= 1,
+        "the second delivery never found the first in progress: {:?}",
+        stats.pool
+    );
 }
