@@ -62,6 +62,15 @@ cargo fmt --all -- --check
 step "lints (cargo clippy -D warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "dependency policy (cargo deny: licences, bans, sources; deny.toml)"
+# Advisories are left out: the RustSec database is fetched from GitHub, which the build
+# machines cannot reach (see deny.toml).
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "cargo-deny not found; installing it (cargo install --locked cargo-deny: ~8 min on two cores)"
+  cargo install --locked cargo-deny
+fi
+cargo deny --log-level error check licenses bans sources
+
 step "memory-only build (cargo build --no-default-features)"
 # The broker backends are cargo features of the binary; without them it must build, link
 # neither librdkafka nor the NATS client, and refuse a broker QUEUE_TYPE naming the feature.

@@ -91,6 +91,10 @@ fn flamegraph(duration: Duration) -> Result<Vec<u8>, String> {
         .blocklist(&["libc", "libgcc", "pthread", "vdso"])
         .build()
         .map_err(|e| format!("cannot start the profiler: {e}"))?;
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the profile is taken on the blocking pool (spawn_blocking), not on the runtime"
+    )]
     std::thread::sleep(duration);
     let report = guard
         .report()

@@ -103,6 +103,10 @@ fn wait_for_port(port: u16, timeout: Duration) {
             Instant::now() < deadline,
             "the broker did not listen on port {port} within {timeout:?}"
         );
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the fixtures' start-up is synchronous: it runs before a test's runtime does any work"
+        )]
         std::thread::sleep(Duration::from_millis(20));
     }
 }
