@@ -56,6 +56,26 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
 fi
 # end of observability test dependencies
 
+# The gRPC ecosystem test (crates/conveyor/tests/it/grpc_ecosystem.rs) asks conveyor's health
+# and reflection services with the gRPC project's Python client, from a venv under the target
+# dir (reinstalled when tests/grpc/requirements.txt changes).
+grpc_venv="${CARGO_TARGET_DIR:-target}/grpc-venv"
+if ! cmp -s tests/grpc/requirements.txt "$grpc_venv/requirements.txt"; then
+  if ! command -v python3 >/dev/null; then
+    echo "python3 not found; installing the Debian packages"
+    apt_install python3 python3-venv
+  fi
+  echo "installing the gRPC test's Python packages into $grpc_venv (tests/grpc/requirements.txt)"
+  if ! python3 -m venv "$grpc_venv"; then
+    echo "python3 -m venv failed; installing the Debian package python3-venv"
+    apt_install python3-venv
+    python3 -m venv "$grpc_venv"
+  fi
+  "$grpc_venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/grpc/requirements.txt
+  cp tests/grpc/requirements.txt "$grpc_venv/requirements.txt"
+fi
+echo "gRPC test client: $grpc_venv ($("$grpc_venv/bin/python" -m pip freeze | grep -E '^grpcio==' || true))"
+
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 

@@ -4,10 +4,12 @@
 //!   naming the problem, `Retry-After` when retrying helps) and to a gRPC status.
 //! - [`Readiness`] and [`health_routes`]: `/health` (live) and `/ready` (ready), the latter
 //!   turning 503 as soon as shutdown begins.
+//! - [`grpc_health`]: the standard gRPC health service, following the same readiness as `/ready`.
 //! - [`serve`]: runs a router until a shutdown future resolves, finishing in-flight requests.
 //! - [`body`]: request bodies read with a size limit and checked content type.
 
 pub mod body;
+pub mod grpc_health;
 pub mod histogram;
 pub mod metrics;
 pub mod process;
@@ -125,16 +127,35 @@ pub fn api_error_from_grpc(status: &tonic::Status) -> ApiError {
 /// Whether this process takes new work. Starts ready; [`Readiness::shut_down`] is one-way.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    shutting_down: Arc<AtomicBool>,
+    state: Arc<ReadinessState>,
+}
+
+#[derive(Default)]
+struct ReadinessState {
+    shutting_down: AtomicBool,
+    /// Wakes [`Readiness::until_shut_down`] when shutdown begins.
+    shut_down: tokio::sync::Notify,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Acquire)
+        !self.state.shutting_down.load(Ordering::Acquire)
     }
 
     pub fn shut_down(&self) {
-        self.shutting_down.store(true, Ordering::Release);
+        self.state.shutting_down.store(true, Ordering::Release);
+        self.state.shut_down.notify_waiters();
+    }
+
+    /// Resolves once shutdown began (at once if it already has).
+    pub async fn until_shut_down(&self) {
+        let notified = self.state.shut_down.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is read, so a shutdown in between is not missed.
+        notified.as_mut().enable();
+        if self.is_ready() {
+            notified.await;
+        }
     }
 
     /// `Err(shutting_down)` once shutdown began: intake checks this before accepting.
@@ -154,6 +175,18 @@ pub type ReadyProbe = Arc<
         + Sync,
 >;
 
+/// Whether this process should get new work, as `/ready` and the gRPC health service answer:
+/// not once shutdown began, nor while `probe` reports a dependency down (`Err` names why).
+pub async fn ready(readiness: &Readiness, probe: Option<&ReadyProbe>) -> Result<(), String> {
+    if !readiness.is_ready() {
+        return Err("shutting down".into());
+    }
+    match probe {
+        Some(probe) => probe().await,
+        None => Ok(()),
+    }
+}
+
 /// `/health` answers while the process lives. `/ready` answers 503 once shutdown began, or
 /// while `probe` reports a dependency down (e.g. the broker), so a load balancer stops sending
 /// work that would only get 503s.
@@ -166,29 +199,21 @@ pub fn health_routes(readiness: Readiness, probe: Option<ReadyProbe>) -> Router 
         .route(
             "/ready",
             get(move || {
-                let ready = readiness.is_ready();
+                let readiness = readiness.clone();
                 let probe = probe.clone();
                 async move {
-                    let not_ready = |reason: String| {
-                        (
+                    match ready(&readiness, probe.as_ref()).await {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            axum::Json(serde_json::json!({"status": "ready"})),
+                        ),
+                        Err(reason) => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             axum::Json(
                                 serde_json::json!({"status": "not_ready", "reason": reason}),
                             ),
-                        )
-                    };
-                    if !ready {
-                        return not_ready("shutting down".into());
+                        ),
                     }
-                    if let Some(probe) = probe
-                        && let Err(reason) = probe().await
-                    {
-                        return not_ready(reason);
-                    }
-                    (
-                        StatusCode::OK,
-                        axum::Json(serde_json::json!({"status": "ready"})),
-                    )
                 }
             }),
         )

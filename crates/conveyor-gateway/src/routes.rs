@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use conveyor_api::body::read_replay_request;
 use conveyor_api::metrics;
-use conveyor_api::{HttpError, ReadyProbe, service_router};
+use conveyor_api::{HttpError, service_router};
 use conveyor_core::ApiError;
 use conveyor_core::stats::ReplayReport;
 use conveyor_core::stats::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ListQuery};
@@ -43,15 +43,10 @@ pub fn router(gateway: Gateway) -> Router {
         .merge(crate::dashboard::routes(gateway.clone()))
         .merge(grpc);
     let scrape = gateway.clone();
-    let intake = Arc::clone(&gateway.intake);
-    let probe: ReadyProbe = Arc::new(move || {
-        let intake = Arc::clone(&intake);
-        Box::pin(async move { intake.health().await.into_result() })
-    });
     service_router(
         routes,
         gateway.readiness.clone(),
-        Some(probe),
+        Some(conveyor_ingest::ready_probe(Arc::clone(&gateway.intake))),
         gateway.metrics.clone(),
         move || render_metrics(scrape.clone()),
     )

@@ -3,18 +3,20 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use conveyor_api::grpc_health::health_service;
 use conveyor_api::recorded::{self, Door};
 use conveyor_api::trace::DoorTrace;
 use conveyor_api::{Readiness, grpc_status};
 use conveyor_core::{ApiError, ErrorCode, TRACEPARENT};
 use conveyor_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
 use conveyor_proto::v1::{
-    EventResult, IngestBatchRequest, IngestBatchResponse, IngestRequest, IngestResponse,
-    IngestStreamResponse, PublishAck, PublishRequest,
+    EventResult, FILE_DESCRIPTOR_SET, IngestBatchRequest, IngestBatchResponse, IngestRequest,
+    IngestResponse, IngestStreamResponse, PublishAck, PublishRequest,
 };
 use conveyor_proto::{draft_from_request, error_detail};
 use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Intake;
@@ -45,9 +47,26 @@ impl IngestGrpc {
             .max_encoding_message_size(max_message_bytes.max(4 * 1024 * 1024))
     }
 
-    /// The service as axum routes, to merge with a service's HTTP routes on one port.
+    /// The service as axum routes, to merge with a service's HTTP routes on one port, together
+    /// with the gRPC ecosystem's standard services: health checking (`grpc.health.v1.Health`,
+    /// following the same readiness as `/ready`; [`health_service`]) and server reflection (v1
+    /// and v1alpha, describing all three), so that probes, grpcurl and Postman need nothing from
+    /// this repository. Spawns the health reporting task: call it on the Tokio runtime.
     pub fn into_router(self, max_message_bytes: usize) -> axum::Router {
-        tonic::service::Routes::new(self.into_server(max_message_bytes)).into_axum_router()
+        let health = health_service(
+            self.readiness.clone(),
+            Some(crate::ready_probe(Arc::clone(&self.intake))),
+            &[IngestServiceServer::<IngestGrpc>::NAME],
+        );
+        let mut routes =
+            tonic::service::Routes::new(self.into_server(max_message_bytes)).add_service(health);
+        match (reflection().build_v1(), reflection().build_v1alpha()) {
+            (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(%error, "gRPC server reflection is off: the compiled-in descriptors do not decode");
+            }
+        }
+        routes.into_axum_router()
     }
 
     async fn submit(
@@ -97,6 +116,13 @@ impl IngestGrpc {
         );
         results
     }
+}
+
+/// Server reflection over conveyor's own schema and the health service's.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// The call's `traceparent` metadata, if any.
@@ -303,5 +329,18 @@ impl IngestService for IngestGrpc {
         Ok(Response::new(
             Box::pin(ReceiverStream::new(answers)) as AckStream
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `into_router` serves without reflection (and logs why) if the compiled-in descriptors
+    /// do not decode: they must.
+    #[test]
+    fn the_compiled_in_descriptors_make_both_reflection_services() {
+        assert!(reflection().build_v1().is_ok(), "v1");
+        assert!(reflection().build_v1alpha().is_ok(), "v1alpha");
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use conveyor_api::{recorded, trace};
+use conveyor_api::{ReadyProbe, recorded, trace};
 use conveyor_core::stats::IngestStats;
 use conveyor_core::{
     ApiError, BatchContext, ErrorCode, Event, EventDraft, Limits, TRACEPARENT, validate_in,
@@ -52,6 +52,14 @@ pub trait Intake: Send + Sync + 'static {
     fn own_refusals(&self) -> IngestStats {
         IngestStats::default()
     }
+}
+
+/// `/ready`'s probe for a service whose work is `intake`'s: ready while it can accept events.
+pub fn ready_probe(intake: Arc<dyn Intake>) -> ReadyProbe {
+    Arc::new(move || {
+        let intake = Arc::clone(&intake);
+        Box::pin(async move { intake.health().await.into_result() })
+    })
 }
 
 /// Validates drafts and publishes them, counting the outcome.

@@ -9,6 +9,12 @@
 )]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/conveyor.v1.rs"));
+
+    /// `conveyor/v1/conveyor.proto` as an encoded `FileDescriptorSet` (with its comments), for
+    /// gRPC server reflection.
+    #[cfg(feature = "grpc")]
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/conveyor.v1.descriptors.bin"));
 }
 
 mod convert;

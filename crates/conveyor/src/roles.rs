@@ -103,7 +103,9 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
     println!("  status     GET  {url}/api/v1/status");
     println!("  dlq        GET  {url}/api/v1/dlq");
     println!("  metrics    GET  {url}/metrics");
-    println!("  grpc       conveyor.v1.IngestService at {url}");
+    println!(
+        "  grpc       conveyor.v1.IngestService at {url} (with grpc.health.v1.Health and reflection)"
+    );
     println!("  sink       {}", args.pool.sink);
     let workers = processor.start();
     let draining = drain_pool(

@@ -10,6 +10,7 @@ mod backpressure;
 mod bad_input;
 mod config;
 mod dlq;
+mod grpc_ecosystem;
 mod kafka;
 mod load;
 mod nats;
