@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use conveyor_core::Event;
 use conveyor_core::body::{write_data, write_json_string};
 
@@ -40,19 +42,51 @@ pub trait Sink: Send + Sync + 'static {
     }
 }
 
-/// Builds a sink from `file:PATH`, `stdout` or `blackhole`.
-pub fn parse(spec: &str) -> Result<Arc<dyn Sink>, String> {
-    match spec.split_once(':') {
-        Some(("file", path)) if !path.is_empty() => {
-            let sink = FileSink::open(Path::new(path))
-                .map_err(|e| format!("cannot open file sink '{path}': {e}"))?;
-            Ok(Arc::new(sink))
+/// Where processed events go, as the `--sink` flag names it: `file:PATH`, `stdout` or
+/// `blackhole`. Parsed once, when the flag is read; [`SinkSpec::open`] builds the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    File(PathBuf),
+    Stdout,
+    Blackhole,
+}
+
+impl std::str::FromStr for SinkSpec {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        match spec.split_once(':') {
+            Some(("file", path)) if !path.is_empty() => Ok(SinkSpec::File(PathBuf::from(path))),
+            None if spec == "stdout" => Ok(SinkSpec::Stdout),
+            None if spec == "blackhole" => Ok(SinkSpec::Blackhole),
+            _ => Err(format!(
+                "'{spec}' is not a sink; use file:PATH, stdout or blackhole"
+            )),
         }
-        None if spec == "stdout" => Ok(Arc::new(StdoutSink)),
-        None if spec == "blackhole" => Ok(Arc::new(BlackholeSink)),
-        _ => Err(format!(
-            "'{spec}' is not a sink; use file:PATH, stdout or blackhole"
-        )),
+    }
+}
+
+impl std::fmt::Display for SinkSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkSpec::File(path) => write!(f, "file:{}", path.display()),
+            SinkSpec::Stdout => f.write_str("stdout"),
+            SinkSpec::Blackhole => f.write_str("blackhole"),
+        }
+    }
+}
+
+impl SinkSpec {
+    /// Opens the sink (a file sink creates its directory and cuts a torn last line).
+    pub fn open(&self) -> Result<Arc<dyn Sink>, String> {
+        Ok(match self {
+            SinkSpec::File(path) => Arc::new(
+                FileSink::open(path)
+                    .map_err(|e| format!("cannot open file sink '{}': {e}", path.display()))?,
+            ),
+            SinkSpec::Stdout => Arc::new(StdoutSink),
+            SinkSpec::Blackhole => Arc::new(BlackholeSink),
+        })
     }
 }
 
@@ -69,7 +103,7 @@ pub fn write_record(out: &mut Vec<u8>, event: &Event, processed_at_ms: u64) {
     if !write_data(out, &event.payload, event.content_type) {
         out.truncate(mark - b"\"data\":".len());
         out.extend_from_slice(b"\"data_base64\":\"");
-        out.extend_from_slice(base64(&event.payload).as_bytes());
+        out.extend_from_slice(BASE64.encode(&event.payload).as_bytes());
         out.push(b'"');
     }
     out.extend_from_slice(b",\"metadata\":{");
@@ -92,27 +126,6 @@ fn render(events: &[Event], processed_at_ms: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() * 256);
     for event in events {
         write_record(&mut out, event, processed_at_ms);
-    }
-    out
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
     }
     out
 }
@@ -343,12 +356,17 @@ mod tests {
     async fn file_sink_appends_lines() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nested/out.ndjson");
-        let sink = parse(&format!("file:{}", path.display())).expect("file sink");
+        let spec: SinkSpec = format!("file:{}", path.display())
+            .parse()
+            .expect("a sink spec");
+        assert_eq!(spec, SinkSpec::File(path.clone()));
+        let sink = spec.open().expect("file sink");
         let e = event(b"1", ContentType::Json);
         sink.write(&[e.clone(), e], 1).await.expect("write");
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text.lines().count(), 2);
-        assert!(parse("ftp:x").is_err());
+        let refused = "ftp:x".parse::<SinkSpec>().expect_err("not a sink");
+        assert!(refused.contains("'ftp:x'"), "{refused}");
     }
 
     #[tokio::test]

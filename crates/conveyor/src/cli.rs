@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use conveyor_processor::sink::SinkSpec;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -255,9 +256,13 @@ pub struct PoolArgs {
     pub workers: u64,
 
     /// Where processed events go: file:PATH, stdout or blackhole.
-    #[arg(long, env = "CONVEYOR_SINK", value_name = "CONVEYOR_SINK", default_value = "file:./data/out.ndjson",
-          value_parser = parse_sink_spec)]
-    pub sink: String,
+    #[arg(
+        long,
+        env = "CONVEYOR_SINK",
+        value_name = "CONVEYOR_SINK",
+        default_value = "file:./data/out.ndjson"
+    )]
+    pub sink: SinkSpec,
 
     /// Pipeline stages in order (repeat the flag, or separate with ';'): json, require:a,b,
     /// set-metadata:k=v, fail-if:k=v, cpu:N.
@@ -310,14 +315,6 @@ pub struct PoolArgs {
     #[arg(long, env = "CONVEYOR_DLQ_CAPACITY", value_name = "CONVEYOR_DLQ_CAPACITY", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub dlq_capacity: u64,
-}
-
-fn parse_sink_spec(spec: &str) -> Result<String, String> {
-    match spec.split_once(':') {
-        Some(("file", path)) if !path.is_empty() => Ok(spec.to_owned()),
-        None if spec == "stdout" || spec == "blackhole" => Ok(spec.to_owned()),
-        _ => Err("expected file:PATH, stdout or blackhole".into()),
-    }
 }
 
 #[derive(Debug, Args)]
@@ -415,19 +412,20 @@ pub struct ProcessorArgs {
     pub pool: PoolArgs,
 }
 
-fn parse_http_url(url: &str) -> Result<String, String> {
-    let url = url.trim();
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("'{url}' must start with http://"))?;
-    let host = rest.split('/').next().unwrap_or("");
-    if host.is_empty() {
-        return Err(format!("'{url}' has no host"));
+/// An `http://host[:port][/path]` peer URL, without its trailing slash.
+fn parse_http_url(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let url = url::Url::parse(text).map_err(|e| format!("'{text}' is not a URL: {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!("'{text}' must start with http://"));
     }
-    if let Some((_, port)) = host.rsplit_once(':')
-        && port.parse::<u16>().is_err()
-    {
-        return Err(format!("'{url}' has an invalid port"));
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("'{text}' has no host"));
     }
-    Ok(url.trim_end_matches('/').to_owned())
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "'{text}' must be a plain http://host:port URL (no query, fragment or user)"
+        ));
+    }
+    Ok(text.trim_end_matches('/').to_owned())
 }

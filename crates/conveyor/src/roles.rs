@@ -16,7 +16,7 @@ use conveyor_ingest::{
     CoalescingIntake, CoalescingPublisher, EnqueueForwarder, Ingest, Intake, RemoteIntake,
 };
 use conveyor_processor::pipeline::Pipeline;
-use conveyor_processor::{Processor, ProcessorConfig, sink};
+use conveyor_processor::{Processor, ProcessorConfig};
 use conveyor_queue::composite::{CompositeQueue, Strategy};
 use conveyor_queue::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_queue::{
@@ -427,7 +427,9 @@ async fn build_processor(
 ) -> Result<(Arc<Processor>, Arc<dyn Queue>), Failure> {
     let pipeline = Pipeline::parse(&pool.stages)
         .map_err(|e| Failure::Config(format!("CONVEYOR_STAGES (--stage): {e}")))?;
-    let sink = sink::parse(&pool.sink)
+    let sink = pool
+        .sink
+        .open()
         .map_err(|e| Failure::Config(format!("CONVEYOR_SINK (--sink): {e}")))?;
     if pool.retry_backoff_max_ms < pool.retry_backoff_ms {
         return Err(Failure::Config(

@@ -71,6 +71,20 @@ async fn bad_ingest_url_exits_64() {
         &["INGEST_URL", "ingest-url"],
     )
     .await;
+    // Each problem is named: the scheme, the port, a missing host, extras a peer URL has not.
+    for (url, problem) in [
+        ("https://127.0.0.1:8081", "must start with http://"),
+        ("http://127.0.0.1:99999", "invalid port"),
+        ("http://", "empty host"),
+        ("http://127.0.0.1:8081/?x=1", "plain http://host:port"),
+    ] {
+        assert_rejected(
+            Spawn::new("gateway").args(["--ingest-url", url]),
+            &format!("gateway --ingest-url {url}"),
+            &["INGEST_URL", problem],
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
