@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use conveyor_core::stats::{DEFAULT_DLQ_LIST_LIMIT, DeadLetterList, ReplayRequest};
 use conveyor_core::stats::{IngestStats, ProcessorStats, ReplayReport};
 use conveyor_ingest::{Ingest, Intake};
-use conveyor_processor::Processor;
+use conveyor_processor::WorkerPool;
 use conveyor_queue::Health;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -65,7 +65,7 @@ impl IngestPeer for LocalIngest {
     }
 }
 
-pub struct LocalProcessor(pub Arc<Processor>);
+pub struct LocalProcessor(pub Arc<WorkerPool>);
 
 #[async_trait]
 impl ProcessorPeer for LocalProcessor {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::sink::BlackholeSink;
-use conveyor_processor::{Processor, ProcessorConfig};
+use conveyor_processor::{WorkerPool, WorkerPoolConfig};
 use conveyor_queue::conformance::event;
 use conveyor_queue::dlq::MemoryDeadLetters;
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
@@ -28,7 +28,7 @@ const EVENTS: usize = 20_000;
 /// a fresh process's first page faults.
 struct Running {
     queue: MemoryQueue,
-    processor: Arc<Processor>,
+    processor: Arc<WorkerPool>,
     pool: tokio::task::JoinSet<()>,
     published: u64,
 }
@@ -39,14 +39,14 @@ impl Running {
             capacity: 1 << 20,
             dedupe_window: 0,
         });
-        let processor = Processor::new(
+        let processor = WorkerPool::new(
             Arc::new(queue.clone()),
             Pipeline::default(),
             Arc::new(BlackholeSink),
             Arc::new(MemoryDeadLetters::new(16)),
-            ProcessorConfig {
+            WorkerPoolConfig {
                 workers,
-                ..ProcessorConfig::default()
+                ..WorkerPoolConfig::default()
             },
         );
         let pool = processor.start();

@@ -20,11 +20,11 @@ use conveyor_proto::v1;
 use conveyor_queue::{Health, PublishError};
 use prost::Message;
 
-use crate::Processor;
+use crate::WorkerPool;
 
 #[derive(Clone)]
 struct ProcessorState {
-    processor: Arc<Processor>,
+    processor: Arc<WorkerPool>,
     readiness: Readiness,
     limits: Arc<Limits>,
     max_body_bytes: usize,
@@ -32,7 +32,7 @@ struct ProcessorState {
 
 /// Routes of a split-mode processor.
 pub fn routes(
-    processor: Arc<Processor>,
+    processor: Arc<WorkerPool>,
     readiness: Readiness,
     limits: Limits,
     max_body_bytes: usize,

@@ -15,4 +15,4 @@ pub mod pool;
 pub mod seen;
 pub mod sink;
 
-pub use pool::{Processor, ProcessorConfig};
+pub use pool::{WorkerPool, WorkerPoolConfig};

@@ -5,7 +5,7 @@
 //! one call, then ack them; failures are nacked with backoff or, after the last attempt,
 //! dead-lettered and terminated.
 //!
-//! Shutdown ([`Processor::drain`]): with a durable queue (a broker) workers finish the batch in
+//! Shutdown ([`WorkerPool::drain`]): with a durable queue (a broker) workers finish the batch in
 //! hand and stop, leaving the rest in the broker. With the memory queue, everything the queue
 //! holds was promised to clients, so workers keep going until it is empty (bounded by the drain
 //! timeout).
@@ -28,7 +28,7 @@ use crate::sink::Sink;
 use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue};
 
 #[derive(Debug, Clone)]
-pub struct ProcessorConfig {
+pub struct WorkerPoolConfig {
     pub workers: usize,
     /// Most deliveries a worker takes at once.
     pub batch_size: usize,
@@ -41,9 +41,9 @@ pub struct ProcessorConfig {
     pub dedupe_window: usize,
 }
 
-impl Default for ProcessorConfig {
+impl Default for WorkerPoolConfig {
     fn default() -> Self {
-        ProcessorConfig {
+        WorkerPoolConfig {
             workers: 4,
             batch_size: 256,
             max_attempts: 5,
@@ -54,7 +54,7 @@ impl Default for ProcessorConfig {
     }
 }
 
-impl ProcessorConfig {
+impl WorkerPoolConfig {
     /// The delay before delivery `attempt + 1`, after `attempt` failed.
     pub fn backoff(&self, attempt: u32) -> Duration {
         let doublings = attempt.saturating_sub(1).min(20);
@@ -75,12 +75,12 @@ struct Counters {
     active: AtomicU64,
 }
 
-pub struct Processor {
+pub struct WorkerPool {
     queue: Arc<dyn Queue>,
     pipeline: Pipeline,
     sink: Arc<dyn Sink>,
     dlq: Arc<dyn DeadLetterQueue>,
-    config: ProcessorConfig,
+    config: WorkerPoolConfig,
     counters: Counters,
     /// Ids some worker is processing right now, and ids written recently. A second delivery
     /// of one in hand (a broker redelivered it while the first was still at work) waits; one
@@ -90,16 +90,16 @@ pub struct Processor {
     replays: AtomicU64,
 }
 
-impl Processor {
+impl WorkerPool {
     pub fn new(
         queue: Arc<dyn Queue>,
         pipeline: Pipeline,
         sink: Arc<dyn Sink>,
         dlq: Arc<dyn DeadLetterQueue>,
-        config: ProcessorConfig,
+        config: WorkerPoolConfig,
     ) -> Arc<Self> {
         recorded::mark_processor();
-        Arc::new(Processor {
+        Arc::new(WorkerPool {
             seen: Mutex::new(SeenIds::new(config.dedupe_window)),
             queue,
             pipeline,

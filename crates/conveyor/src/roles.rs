@@ -16,7 +16,7 @@ use conveyor_ingest::{
     CoalescingIntake, CoalescingPublisher, EnqueueForwarder, Ingest, Intake, RemoteIntake,
 };
 use conveyor_processor::pipeline::Pipeline;
-use conveyor_processor::{Processor, ProcessorConfig};
+use conveyor_processor::{WorkerPool, WorkerPoolConfig};
 use conveyor_queue::composite::{CompositeQueue, Strategy};
 use conveyor_queue::dlq::{DeadLetterQueue, MemoryDeadLetters};
 use conveyor_queue::{
@@ -281,9 +281,9 @@ impl RoleView for IngestRole {
     }
 }
 
-impl RoleView for Processor {
+impl RoleView for WorkerPool {
     fn health(&self) -> impl std::future::Future<Output = Health> + Send {
-        Processor::health(self)
+        WorkerPool::health(self)
     }
 
     async fn render(&self, out: &mut String) {
@@ -424,7 +424,7 @@ async fn open_queue(
 async fn build_processor(
     queue_args: &QueueArgs,
     pool: &PoolArgs,
-) -> Result<(Arc<Processor>, Arc<dyn Queue>), Failure> {
+) -> Result<(Arc<WorkerPool>, Arc<dyn Queue>), Failure> {
     let pipeline = Pipeline::parse(&pool.stages)
         .map_err(|e| Failure::Config(format!("CONVEYOR_STAGES (--stage): {e}")))?;
     let sink = pool
@@ -437,12 +437,12 @@ async fn build_processor(
         ));
     }
     let (queue, dlq) = open_queue(queue_args, pool.dlq_capacity).await?;
-    let processor = Processor::new(
+    let processor = WorkerPool::new(
         Arc::clone(&queue),
         pipeline,
         sink,
         dlq,
-        ProcessorConfig {
+        WorkerPoolConfig {
             workers: to_usize(pool.workers),
             batch_size: to_usize(pool.batch_size),
             max_attempts: pool.max_attempts,
@@ -538,10 +538,10 @@ async fn serve_until_signal(
 }
 
 /// What a role with a worker pool does between the signal and closing its listener: stop
-/// publishing into the queue, then let the workers finish (see `Processor::drain`).
+/// publishing into the queue, then let the workers finish (see `WorkerPool::drain`).
 async fn drain_pool(
     queue: Arc<dyn Queue>,
-    processor: Arc<Processor>,
+    processor: Arc<WorkerPool>,
     mut workers: tokio::task::JoinSet<()>,
     timeout: Duration,
 ) {
@@ -549,7 +549,7 @@ async fn drain_pool(
     drain(&processor, &mut workers, timeout).await;
 }
 
-async fn drain(processor: &Processor, workers: &mut tokio::task::JoinSet<()>, timeout: Duration) {
+async fn drain(processor: &WorkerPool, workers: &mut tokio::task::JoinSet<()>, timeout: Duration) {
     if processor.drain(workers, timeout).await {
         let stats = processor.stats().await;
         tracing::info!(

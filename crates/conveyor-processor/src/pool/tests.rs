@@ -7,10 +7,10 @@ use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
 
 #[test]
 fn backoff_doubles_and_is_capped() {
-    let config = ProcessorConfig {
+    let config = WorkerPoolConfig {
         backoff_initial: Duration::from_millis(100),
         backoff_max: Duration::from_millis(350),
-        ..ProcessorConfig::default()
+        ..WorkerPoolConfig::default()
     };
     assert_eq!(config.backoff(1), Duration::from_millis(100));
     assert_eq!(config.backoff(2), Duration::from_millis(200));
@@ -31,16 +31,16 @@ async fn writes_good_events_once_and_dead_letters_poison_after_max_attempts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("out.ndjson");
     let queue = MemoryQueue::new(MemoryQueueConfig::default());
-    let processor = Processor::new(
+    let processor = WorkerPool::new(
         Arc::new(queue.clone()),
         Pipeline::parse(&["fail-if:poison=yes".into()]).expect("pipeline"),
         Arc::new(FileSink::open(&path).expect("sink")),
         Arc::new(MemoryDeadLetters::new(10)),
-        ProcessorConfig {
+        WorkerPoolConfig {
             workers: 2,
             max_attempts: 3,
             backoff_initial: Duration::from_millis(5),
-            ..ProcessorConfig::default()
+            ..WorkerPoolConfig::default()
         },
     );
     let mut events: Vec<Event> = (0..100).map(|i| event(&format!("ok-{i}"), false)).collect();
@@ -79,16 +79,16 @@ async fn a_second_delivery_of_an_event_in_progress_waits_and_is_not_written_twic
         dedupe_window: 0,
         ..MemoryQueueConfig::default()
     });
-    let processor = Processor::new(
+    let processor = WorkerPool::new(
         Arc::new(queue.clone()),
         Pipeline::parse(&["cpu:20000".into()]).expect("pipeline"),
         Arc::new(FileSink::open(&path).expect("sink")),
         Arc::new(MemoryDeadLetters::new(10)),
-        ProcessorConfig {
+        WorkerPoolConfig {
             workers: 2,
             batch_size: 1,
             backoff_initial: Duration::from_millis(5),
-            ..ProcessorConfig::default()
+            ..WorkerPoolConfig::default()
         },
     );
     queue.try_publish(vec![event("twice", false), event("twice", false)]);
