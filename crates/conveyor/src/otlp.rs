@@ -6,7 +6,7 @@
 //! most [`MAX_EXPORT_BATCH`] per request, to the exporter as the SDK's `SpanData`. The
 //! exporter speaks `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` (the default; POST to
 //! `{endpoint}/v1/traces` through [`RetryingClient`], rustls for `https`, gzip with
-//! `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`) or `grpc` (tonic, plaintext). It reads
+//! `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`) or `grpc` (tonic; rustls for `https`, gzip). It reads
 //! `OTEL_EXPORTER_OTLP_HEADERS` itself. The resource is the SDK's (`OTEL_SERVICE_NAME`,
 //! `OTEL_RESOURCE_ATTRIBUTES`), with `service.name` = `conveyor-<role>` and a fresh
 //! `service.instance.id` unless those set them. The sampler deciding where a trace enters
@@ -25,7 +25,8 @@ use opentelemetry::trace::{
     TraceState,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use tokio::sync::watch;
@@ -92,9 +93,9 @@ pub fn target(endpoint: &str) -> Result<Target, String> {
         Wire::HttpProtobuf => traces_url(endpoint)?,
         Wire::Grpc => {
             let url = reqwest::Url::parse(endpoint.trim()).map_err(|e| e.to_string())?;
-            if url.scheme() != "http" {
+            if !matches!(url.scheme(), "http" | "https") {
                 return Err(format!(
-                    "gRPC export needs an http:// endpoint (no TLS for gRPC built in), got {:?}",
+                    "unsupported scheme {:?} (http or https)",
                     url.scheme()
                 ));
             }
@@ -175,12 +176,22 @@ fn build_exporter(target: &Target) -> Result<opentelemetry_otlp::SpanExporter, S
             .with_endpoint(target.url.as_str())
             .with_timeout(timeout)
             .build(),
-        Wire::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_protocol(Protocol::Grpc)
-            .with_endpoint(target.url.as_str())
-            .with_timeout(timeout)
-            .build(),
+        Wire::Grpc => {
+            let builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_protocol(Protocol::Grpc)
+                .with_endpoint(target.url.as_str())
+                .with_timeout(timeout);
+            if target.url.scheme() == "https" {
+                let mut tls = ClientTlsConfig::new().with_native_roots();
+                if let Some(pem) = ca_pem()? {
+                    tls = tls.ca_certificate(Certificate::from_pem(pem));
+                }
+                builder.with_tls_config(tls).build()
+            } else {
+                builder.build()
+            }
+        }
     };
     built.map_err(|e| e.to_string())
 }
@@ -189,23 +200,31 @@ fn build_exporter(target: &Target) -> Result<opentelemetry_otlp::SpanExporter, S
 /// `OTEL_EXPORTER_OTLP_CERTIFICATE` (a PEM file) when set.
 fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder().timeout(timeout);
-    let certificate = env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
-        .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"));
-    if let Some(path) = certificate {
-        let pem = std::fs::read(&path)
-            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {path:?}: {e}"))?;
+    if let Some(pem) = ca_pem()? {
         let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {path:?}: {e}"))?;
-        if certificates.is_empty() {
-            return Err(format!(
-                "OTEL_EXPORTER_OTLP_CERTIFICATE {path:?}: no PEM certificate in it"
-            ));
-        }
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE: {e}"))?;
         for certificate in certificates {
             builder = builder.add_root_certificate(certificate);
         }
     }
     builder.build().map_err(|e| e.to_string())
+}
+
+/// The PEM file `OTEL_EXPORTER_OTLP_CERTIFICATE` names (CA certificates to trust), if set.
+fn ca_pem() -> Result<Option<Vec<u8>>, String> {
+    let Some(path) = env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+    else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(&path)
+        .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {path:?}: {e}"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE {path:?}: no PEM certificate in it"
+        ));
+    }
+    Ok(Some(pem))
 }
 
 /// The SDK's resource (its detectors read `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`),

@@ -119,9 +119,11 @@ impl Collector {
         }
     }
 
-    /// An OTLP/gRPC collector: `opentelemetry.proto.collector.trace.v1.TraceService/Export`.
-    pub async fn start_grpc() -> Collector {
+    /// An OTLP/gRPC collector: `opentelemetry.proto.collector.trace.v1.TraceService/Export`,
+    /// taking gzip; with `tls`, over TLS with a generated certificate.
+    pub async fn start_grpc(tls: bool) -> Collector {
         use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        use tonic::transport::{Identity, Server, ServerTlsConfig};
         let spans: Shared<Vec<Span>> = Arc::default();
         let requests: Shared<Vec<HeaderMap>> = Arc::default();
         let service = GrpcCollector {
@@ -131,13 +133,27 @@ impl Collector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the gRPC collector");
-        let url = format!(
-            "http://{}",
-            listener.local_addr().expect("the collector's address")
-        );
+        let address = listener.local_addr().expect("the collector's address");
+        let mut server = Server::builder();
+        let (url, ca, dir) = if tls {
+            let dir = tempfile::tempdir().expect("a directory for the certificates");
+            let ca = certificates(dir.path());
+            let read =
+                |name: &str| std::fs::read(dir.path().join(name)).expect("a certificate file");
+            let identity = Identity::from_pem(read("server.pem"), read("server.key"));
+            server = server
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .expect("the server's TLS");
+            (format!("https://{address}"), Some(ca), Some(dir))
+        } else {
+            (format!("http://{address}"), None, None)
+        };
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(service))
+            server
+                .add_service(
+                    TraceServiceServer::new(service)
+                        .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                )
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         Collector {
@@ -145,8 +161,8 @@ impl Collector {
             spans,
             problems: Arc::default(),
             requests,
-            ca: None,
-            _dir: None,
+            ca,
+            _dir: dir,
         }
     }
 

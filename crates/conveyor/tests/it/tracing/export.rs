@@ -211,7 +211,7 @@ async fn streaming_grpc_calls_take_the_traceparent_of_their_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_a_grpc_collector_with_otel_exporter_otlp_protocol_grpc() {
-    let collector = Collector::start_grpc().await;
+    let collector = Collector::start_grpc(false).await;
     let run = run_exporting_to(
         &collector,
         &[
@@ -228,4 +228,29 @@ async fn spans_reach_a_grpc_collector_with_otel_exporter_otlp_protocol_grpc() {
             "{headers:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_grpc_collector_over_tls_gzipped() {
+    let collector = Collector::start_grpc(true).await;
+    assert!(collector.url.starts_with("https://"), "{}", collector.url);
+    let ca = collector.ca.clone().expect("the test CA");
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let run = run_exporting_to(
+        &collector,
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ],
+    )
+    .await;
+    send_traced(&run, &collector, "traced-grpc-tls-1").await;
+    let requests = collector.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|h| h.get("grpc-encoding").map(|v| v.as_bytes()) == Some(&b"gzip"[..])),
+        "every export request gzipped: {requests:?}"
+    );
 }
