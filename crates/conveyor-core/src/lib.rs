@@ -15,5 +15,5 @@ pub mod validate;
 
 pub use error::{ApiError, ErrorCode};
 pub use event::{ContentType, Event, EventDraft, Metadata, REPLAY_HEADER, now_ms};
-pub use trace::{TRACEPARENT, TraceContext};
+pub use trace::{TRACEPARENT, TRACESTATE, TraceContext};
 pub use validate::{BatchContext, Limits, validate, validate_in};

@@ -1,8 +1,10 @@
-//! W3C trace context (`traceparent`, version 00): the pure type, parsed, formatted and
-//! derived. No I/O: recording and exporting spans is `conveyor_api::trace`'s business.
+//! W3C trace context (`traceparent`, version 00, and `tracestate`): the pure type, parsed,
+//! formatted and derived. No I/O: recording and exporting spans is `conveyor_api::trace`'s
+//! business.
 //!
 //! `traceparent: 00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`
-//! (<https://www.w3.org/TR/trace-context/#traceparent-header>).
+//! (<https://www.w3.org/TR/trace-context/#traceparent-header>). `tracestate` is vendor data
+//! that travels with it unchanged (<https://www.w3.org/TR/trace-context/#tracestate-header>).
 
 use std::cell::Cell;
 use std::collections::hash_map::RandomState;
@@ -11,6 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The header name, on HTTP requests, gRPC metadata and in [`Event::headers`](crate::Event).
 pub const TRACEPARENT: &str = "traceparent";
+
+/// The vendor-specific companion of [`TRACEPARENT`], carried unchanged next to it.
+pub const TRACESTATE: &str = "tracestate";
 
 /// The `sampled` trace flag.
 pub const SAMPLED: u8 = 0x01;
@@ -93,6 +98,22 @@ impl TraceContext {
         out
     }
 
+    /// Whether the `sampled` flag is set: the caller (or the door's sampler) decided that
+    /// this trace is recorded.
+    pub fn sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
+    }
+
+    /// The same context with the `sampled` flag set to `sampled`.
+    pub fn with_sampled(self, sampled: bool) -> TraceContext {
+        let flags = if sampled {
+            self.flags | SAMPLED
+        } else {
+            self.flags & !SAMPLED
+        };
+        TraceContext { flags, ..self }
+    }
+
     pub fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
     }
@@ -100,6 +121,25 @@ impl TraceContext {
     pub fn span_id_hex(&self) -> String {
         hex(&self.span_id)
     }
+}
+
+/// A `tracestate` value worth passing on: at most 32 comma-separated `key=value` members
+/// and 512 characters, printable ASCII (the spec's limits; a value that breaks them is
+/// dropped, as the spec allows). Returns it trimmed.
+pub fn valid_tracestate(value: &str) -> Option<&str> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > 512 || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return None;
+    }
+    let mut members = 0;
+    for member in value.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let (key, val) = member.split_once('=')?;
+        if key.is_empty() || val.is_empty() || key.contains(' ') {
+            return None;
+        }
+        members += 1;
+    }
+    (1..=32).contains(&members).then_some(value)
 }
 
 /// Lower-case hex of `bytes`.
@@ -208,6 +248,28 @@ mod tests {
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-ever";
         let ctx = TraceContext::parse(later).expect("a later version parses");
         assert_eq!(ctx.header(), SPEC);
+    }
+
+    #[test]
+    fn the_sampled_flag_is_read_and_set() {
+        let unsampled =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+                .expect("parses");
+        assert!(!unsampled.sampled());
+        assert!(unsampled.child().with_sampled(true).sampled());
+        assert!(!TraceContext::new_root().with_sampled(false).sampled());
+    }
+
+    #[test]
+    fn tracestate_is_kept_within_the_spec_limits() {
+        assert_eq!(
+            valid_tracestate(" rojo=00f067aa0ba902b7,congo=t61rcWkgMzE "),
+            Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
+        );
+        assert_eq!(valid_tracestate(""), None);
+        assert_eq!(valid_tracestate("novalue"), None);
+        assert_eq!(valid_tracestate(&"k=v,".repeat(33)), None);
+        assert_eq!(valid_tracestate(&format!("k={}", "x".repeat(600))), None);
     }
 
     #[test]

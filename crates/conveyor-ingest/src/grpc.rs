@@ -7,7 +7,7 @@ use conveyor_api::grpc_health::health_service;
 use conveyor_api::recorded::{self, Door};
 use conveyor_api::trace::DoorTrace;
 use conveyor_api::{Readiness, grpc_status};
-use conveyor_core::{ApiError, ErrorCode, TRACEPARENT};
+use conveyor_core::{ApiError, ErrorCode, TRACEPARENT, TRACESTATE};
 use conveyor_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
 use conveyor_proto::v1::{
     EventResult, FILE_DESCRIPTOR_SET, IngestBatchRequest, IngestBatchResponse, IngestRequest,
@@ -83,27 +83,24 @@ impl IngestGrpc {
         self.intake.submit(drafts).await
     }
 
-    /// [`submit`](Self::submit) for a unary or batch call whose metadata names a
-    /// `traceparent`: a door span for the call, and its context on every event that does not
-    /// carry one of its own. Without the metadata nothing changes (split mode's gateway → ingest
-    /// calls carry the context per event, in `IngestRequest.headers`).
+    /// [`submit`](Self::submit) for a call (or a stream's chunk) whose metadata names a
+    /// `traceparent`: a door span for the call (or chunk), and its context on every event that
+    /// does not carry one of its own. Without the metadata nothing changes (split mode's
+    /// gateway → ingest calls carry the context per event, in `IngestRequest.headers`).
     async fn submit_traced(
         &self,
         door: Door,
         name: &'static str,
-        traceparent: Option<&str>,
+        call: &CallTrace,
         mut requests: Vec<IngestRequest>,
     ) -> Vec<Result<String, ApiError>> {
-        let Some(traceparent) = traceparent else {
+        let Some(traceparent) = call.traceparent.as_deref() else {
             return self.submit(door, requests).await;
         };
-        let trace = DoorTrace::begin(Some(traceparent));
-        if let Some(header) = &trace.header {
+        let trace = DoorTrace::begin(Some(traceparent), call.tracestate.as_deref());
+        if trace.header.is_some() {
             for request in &mut requests {
-                request
-                    .headers
-                    .entry(TRACEPARENT.to_owned())
-                    .or_insert_with(|| header.clone());
+                trace.apply(&mut request.headers, false);
             }
         }
         let count = requests.len();
@@ -125,13 +122,27 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// The call's `traceparent` metadata, if any.
-fn traceparent<T>(request: &Request<T>) -> Option<String> {
-    request
-        .metadata()
-        .get(TRACEPARENT)
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned)
+/// The call's `traceparent` and `tracestate` metadata, if any.
+#[derive(Debug, Clone, Default)]
+struct CallTrace {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl CallTrace {
+    fn of<T>(request: &Request<T>) -> CallTrace {
+        let get = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        CallTrace {
+            traceparent: get(TRACEPARENT),
+            tracestate: get(TRACESTATE),
+        }
+    }
 }
 
 fn event_result(index: usize, result: Result<String, ApiError>) -> EventResult {
@@ -157,14 +168,9 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
-        let traceparent = traceparent(&request);
+        let call = CallTrace::of(&request);
         let result = self
-            .submit_traced(
-                Door::GrpcUnary,
-                "ingest",
-                traceparent.as_deref(),
-                vec![request.into_inner()],
-            )
+            .submit_traced(Door::GrpcUnary, "ingest", &call, vec![request.into_inner()])
             .await
             .pop()
             .unwrap_or_else(|| Err(ApiError::internal("intake returned no result")));
@@ -181,6 +187,7 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestStreamResponse>, Status> {
+        let call = CallTrace::of(&request);
         let mut stream = request.into_inner().ready_chunks(STREAM_CHUNK);
         let mut summary = IngestStreamResponse::default();
         let mut index = 0usize;
@@ -196,7 +203,10 @@ impl IngestService for IngestGrpc {
                     }
                 }
             }
-            for result in self.submit(Door::GrpcStream, requests).await {
+            let results = self
+                .submit_traced(Door::GrpcStream, "ingest_stream", &call, requests)
+                .await;
+            for result in results {
                 match result {
                     Ok(_) => summary.accepted += 1,
                     Err(error) => {
@@ -225,7 +235,7 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<IngestBatchRequest>,
     ) -> Result<Response<IngestBatchResponse>, Status> {
-        let traceparent = traceparent(&request);
+        let call = CallTrace::of(&request);
         let events = request.into_inner().events;
         if events.len() > self.max_batch_events {
             self.intake
@@ -236,12 +246,7 @@ impl IngestService for IngestGrpc {
             )));
         }
         let results = self
-            .submit_traced(
-                Door::GrpcBatch,
-                "ingest_batch",
-                traceparent.as_deref(),
-                events,
-            )
+            .submit_traced(Door::GrpcBatch, "ingest_batch", &call, events)
             .await
             .into_iter()
             .enumerate()
@@ -256,6 +261,7 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        let call = CallTrace::of(&request);
         let mut inbound = request.into_inner().ready_chunks(STREAM_CHUNK);
         // The answer channel is bounded: a client that does not read its acks stops being read.
         let (acks, answers) = tokio::sync::mpsc::channel(STREAM_CHUNK * 2);
@@ -299,10 +305,11 @@ impl IngestService for IngestGrpc {
                         }
                     }
                 }
-                for (sequence, result) in sequences
-                    .into_iter()
-                    .zip(service.submit(Door::GrpcPublish, requests).await)
-                {
+                for (sequence, result) in sequences.into_iter().zip(
+                    service
+                        .submit_traced(Door::GrpcPublish, "publish_stream", &call, requests)
+                        .await,
+                ) {
                     let ack = match result {
                         Ok(message_id) => PublishAck {
                             sequence,

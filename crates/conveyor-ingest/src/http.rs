@@ -12,7 +12,7 @@ use conveyor_api::body::{BodyFormat, content_format, read_limited};
 use conveyor_api::recorded::{self, Door};
 use conveyor_api::trace::DoorTrace;
 use conveyor_api::{HttpError, Readiness, http_status};
-use conveyor_core::{ApiError, EventDraft, TRACEPARENT, body};
+use conveyor_core::{ApiError, EventDraft, TRACEPARENT, TRACESTATE, body};
 use serde::Serialize;
 
 use crate::Intake;
@@ -116,9 +116,7 @@ async fn submit_one(
     mut draft: EventDraft,
 ) -> Result<String, ApiError> {
     let trace = door_trace(headers);
-    if let Some(header) = &trace.header {
-        draft.headers.insert(TRACEPARENT.to_owned(), header.clone());
-    }
+    trace.apply(&mut draft.headers, true);
     let result = state
         .intake
         .submit(vec![draft])
@@ -135,11 +133,8 @@ async fn submit_one(
 
 /// The request's trace context, for the door's span and its events (see [`DoorTrace`]).
 fn door_trace(headers: &HeaderMap) -> DoorTrace {
-    DoorTrace::begin(
-        headers
-            .get(TRACEPARENT)
-            .and_then(|value| value.to_str().ok()),
-    )
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    DoorTrace::begin(header(TRACEPARENT), header(TRACESTATE))
 }
 
 /// One line of a batch answer: the accepted id, or the error for that element.
@@ -192,9 +187,9 @@ async fn ingest_batch_inner(
     let trace = door_trace(headers);
     let count = parsed.len();
     let mut parsed = parsed;
-    if let Some(header) = &trace.header {
+    if trace.header.is_some() {
         for draft in parsed.iter_mut().flatten() {
-            draft.headers.insert(TRACEPARENT.to_owned(), header.clone());
+            trace.apply(&mut draft.headers, true);
         }
     }
     let results = submit_parsed(state.intake.as_ref(), parsed).await;

@@ -183,13 +183,15 @@ fn publish_error(error: PublishError) -> ApiError {
 }
 
 /// The `publish` spans of one publish batch (only while spans are recorded): one per distinct
-/// parent context among the batch's events (a request's events share one), each event's
-/// `traceparent` rewritten to its span, so the processor's span is that span's child. An event
-/// that arrives without a context (a gRPC client's) starts a trace of its own here.
+/// sampled parent context among the batch's events (a request's events share one), each
+/// event's `traceparent` rewritten to its span, so the processor's span is that span's child.
+/// An event whose parent is not sampled keeps its context and gets no span. An event that
+/// arrives without a context (a gRPC client's) enters here: the sampler decides whether it
+/// starts a recorded trace of its own or carries an unsampled one.
 struct PublishSpans {
     spans: Vec<(trace::Started, usize, Option<String>)>,
-    /// Per event of the batch, its index in `spans`.
-    of_event: Vec<usize>,
+    /// Per event of the batch, its index in `spans` (none for an unsampled event).
+    of_event: Vec<Option<usize>>,
 }
 
 impl PublishSpans {
@@ -199,28 +201,42 @@ impl PublishSpans {
         let mut of_event = Vec::with_capacity(events.len());
         for event in events.iter_mut() {
             let index = match trace::event_context(event) {
-                Some(parent) => *by_parent
-                    .entry((parent.trace_id, parent.span_id))
-                    .or_insert_with(|| {
-                        spans.push((trace::Started::child_of(Some(&parent)), 0, None));
-                        spans.len() - 1
-                    }),
-                None => {
-                    spans.push((trace::Started::child_of(None), 0, None));
-                    spans.len() - 1
-                }
+                Some(parent) if parent.sampled() => Some(
+                    *by_parent
+                        .entry((parent.trace_id, parent.span_id))
+                        .or_insert_with(|| {
+                            spans.push((trace::Started::child_of(Some(&parent)), 0, None));
+                            spans.len() - 1
+                        }),
+                ),
+                Some(_) => None,
+                None => match trace::enter(None) {
+                    trace::Entry::Recorded(span) => {
+                        spans.push((span, 0, None));
+                        Some(spans.len() - 1)
+                    }
+                    trace::Entry::Unsampled(context) => {
+                        event
+                            .headers
+                            .insert(TRACEPARENT.to_owned(), context.header());
+                        None
+                    }
+                    trace::Entry::Off => None,
+                },
             };
-            spans[index].1 += 1;
             of_event.push(index);
-            event
-                .headers
-                .insert(TRACEPARENT.to_owned(), spans[index].0.context.header());
+            if let Some(index) = index {
+                spans[index].1 += 1;
+                event
+                    .headers
+                    .insert(TRACEPARENT.to_owned(), spans[index].0.context.header());
+            }
         }
         PublishSpans { spans, of_event }
     }
 
     fn failed(&mut self, event: usize, error: &PublishError) {
-        if let Some(&index) = self.of_event.get(event) {
+        if let Some(&Some(index)) = self.of_event.get(event) {
             self.spans[index].2.get_or_insert_with(|| error.to_string());
         }
     }

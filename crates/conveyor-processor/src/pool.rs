@@ -587,11 +587,12 @@ async fn settle_all(handles: Vec<Handle>, settlement: Settlement) {
     }
 }
 
-/// The `process` span of each event that carries a trace context (pipeline and sink write,
-/// from the batch's start), child of the span that published it.
+/// The `process` span of each event that carries a sampled trace context (pipeline and sink
+/// write, from the batch's start), child of the span that published it. An unsampled context
+/// (the decision made where the trace entered) records nothing.
 fn record_spans<'a>(start_ns: u64, events: impl Iterator<Item = (&'a Event, Option<&'a str>)>) {
     trace::record(events.filter_map(|(event, error)| {
-        let parent = trace::event_context(event)?;
+        let parent = trace::event_context(event).filter(|parent| parent.sampled())?;
         let mut span = trace::Started {
             context: parent.child(),
             parent_span_id: Some(parent.span_id),

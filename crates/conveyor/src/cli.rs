@@ -122,8 +122,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CONVEYOR_PROFILING", value_name = "CONVEYOR_PROFILING")]
     pub profiling: bool,
 
-    /// Export trace spans as OTLP/HTTP JSON to this collector (base URL, e.g.
-    /// http://127.0.0.1:4318; spans go to {endpoint}/v1/traces). No spans are recorded without.
+    /// Export trace spans over OTLP to this collector (base URL, e.g. http://127.0.0.1:4318;
+    /// http/protobuf to {endpoint}/v1/traces, or gRPC with OTEL_EXPORTER_OTLP_PROTOCOL=grpc;
+    /// the other OTEL_* variables are read too). No spans are recorded without.
     #[arg(
         long,
         env = "OTEL_EXPORTER_OTLP_ENDPOINT",

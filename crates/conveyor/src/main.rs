@@ -3,6 +3,7 @@
 mod cli;
 mod failure;
 mod otlp;
+mod otlp_http;
 mod roles;
 mod shutdown;
 mod status;

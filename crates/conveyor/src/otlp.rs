@@ -1,19 +1,38 @@
-//! OTLP/HTTP JSON export of the spans `conveyor_api::trace` records, when an endpoint is
-//! configured (`--otlp-endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT`).
+//! OTLP export of the spans `conveyor_api::trace` records, on the OpenTelemetry SDK's OTLP
+//! exporter (`opentelemetry-otlp`), when an endpoint is configured (`--otlp-endpoint` /
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`).
 //!
-//! One task per process takes the finished spans every [`EXPORT_INTERVAL`] and POSTs them,
-//! at most [`MAX_EXPORT_BATCH`] per request, to `{endpoint}/v1/traces` as the standard JSON
-//! mapping of `ExportTraceServiceRequest` (hex ids, `service.name` = `conveyor-<role>`). A
-//! request that fails loses its spans (counted); the hot path never waits for a collector.
+//! One task per process takes the finished spans every [`EXPORT_INTERVAL`] and hands them, at
+//! most [`MAX_EXPORT_BATCH`] per request, to the exporter as the SDK's `SpanData`. The
+//! exporter speaks `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` (the default; POST to
+//! `{endpoint}/v1/traces` through [`RetryingClient`], rustls for `https`, gzip with
+//! `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`) or `grpc` (tonic; rustls for `https`, gzip). It reads
+//! `OTEL_EXPORTER_OTLP_HEADERS` itself. The resource is the SDK's (`OTEL_SERVICE_NAME`,
+//! `OTEL_RESOURCE_ATTRIBUTES`), with `service.name` = `conveyor-<role>` and a fresh
+//! `service.instance.id` unless those set them. The sampler deciding where a trace enters
+//! is the SDK's (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`; parent-based by default).
+//! A request that fails after its retries loses its spans (counted); the hot path never
+//! waits for a collector.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use conveyor_api::trace::{self, SpanRecord};
-use conveyor_core::trace::hex;
-use serde_json::{Value, json};
+use conveyor_core::TraceContext;
+use opentelemetry::trace::{
+    SamplingDecision, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::otlp_http::RetryingClient;
 
 /// How often finished spans are sent.
 const EXPORT_INTERVAL: Duration = Duration::from_millis(500);
@@ -21,13 +40,27 @@ const EXPORT_INTERVAL: Duration = Duration::from_millis(500);
 const MAX_EXPORT_BATCH: usize = 2048;
 /// Finished spans held between two exports; more are dropped (and counted).
 pub const BUFFER_SPANS: usize = 65_536;
-/// Longest an export request may take.
+/// Longest one export attempt may take, unless `OTEL_EXPORTER_OTLP_TIMEOUT` (ms) says.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the last export may hold up shutdown.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// Export attempts over gRPC (the HTTP client retries per request, see [`RetryingClient`]).
+const GRPC_ATTEMPTS: u32 = 3;
 
-/// The running exporter; [`Exporter::shutdown`] sends what is left.
-pub struct Exporter {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+/// The wire protocol, from `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    HttpProtobuf,
+    Grpc,
+}
+
+/// What the exporter sends to and how, checked at start-up (a bad value is a configuration
+/// error, exit 64).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub wire: Wire,
+    /// The URL spans go to: `{endpoint}/v1/traces` over HTTP, the endpoint itself over gRPC.
+    pub url: reqwest::Url,
 }
 
 /// `{endpoint}/v1/traces`, as the OTLP exporter spec builds it from the base endpoint.
@@ -40,15 +73,63 @@ pub fn traces_url(endpoint: &str) -> Result<reqwest::Url, String> {
     }
 }
 
+/// The wire a protocol name selects.
+pub fn wire(protocol: Option<&str>) -> Result<Wire, String> {
+    match protocol.map(str::trim).filter(|p| !p.is_empty()) {
+        None | Some("http/protobuf") => Ok(Wire::HttpProtobuf),
+        Some("grpc") => Ok(Wire::Grpc),
+        Some(other) => Err(format!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL {other:?}: http/protobuf or grpc (http/json is not built in)"
+        )),
+    }
+}
+
+/// The export target of `endpoint` under the protocol the environment names.
+pub fn target(endpoint: &str) -> Result<Target, String> {
+    let protocol =
+        env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
+    let wire = wire(protocol.as_deref())?;
+    let url = match wire {
+        Wire::HttpProtobuf => traces_url(endpoint)?,
+        Wire::Grpc => {
+            let url = reqwest::Url::parse(endpoint.trim()).map_err(|e| e.to_string())?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(format!(
+                    "unsupported scheme {:?} (http or https)",
+                    url.scheme()
+                ));
+            }
+            url
+        }
+    };
+    Ok(Target { wire, url })
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The running exporter; [`Exporter::shutdown`] sends what is left.
+pub struct Exporter {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
 impl Exporter {
-    /// Turns span recording on and starts sending to `url` as `conveyor-<role>`.
-    pub fn start(url: reqwest::Url, role: &str) -> Exporter {
-        trace::install(BUFFER_SPANS);
-        let client = reqwest::Client::builder()
-            .timeout(EXPORT_TIMEOUT)
-            .build()
-            .unwrap_or_default();
-        let service = format!("conveyor-{role}");
+    /// Turns span recording on and starts sending to `target` as `conveyor-<role>`.
+    pub fn start(target: &Target, role: &str) -> Result<Exporter, String> {
+        let mut exporter = build_exporter(target)?;
+        exporter.set_resource(&resource(role));
+        trace::install(BUFFER_SPANS, entry_sampler());
+        let scope = InstrumentationScope::builder("conveyor")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        let retries = if target.wire == Wire::Grpc {
+            GRPC_ATTEMPTS
+        } else {
+            1
+        };
+        let url = target.url.to_string();
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
@@ -56,38 +137,172 @@ impl Exporter {
                     _ = tokio::time::sleep(EXPORT_INTERVAL) => {}
                     _ = stopped.changed() => break,
                 }
-                export(&client, &url, &service).await;
+                export(&exporter, &scope, retries, &url).await;
             }
-            export(&client, &url, &service).await;
+            export(&exporter, &scope, retries, &url).await;
+            let _ = exporter.shutdown();
         });
-        Exporter { stop, task }
+        Ok(Exporter { stop, task })
     }
 
-    /// Sends the spans still held (bounded by the export timeout).
+    /// Sends the spans still held (bounded by the export timeout and its retries).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(EXPORT_TIMEOUT * 2, self.task).await;
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, self.task).await;
     }
 }
 
-async fn export(client: &reqwest::Client, url: &reqwest::Url, service: &str) {
+/// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` / `OTEL_EXPORTER_OTLP_TIMEOUT` in milliseconds, or
+/// [`EXPORT_TIMEOUT`].
+fn export_timeout() -> Result<Duration, String> {
+    match env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT").or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT")) {
+        None => Ok(EXPORT_TIMEOUT),
+        Some(ms) => match ms.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+            _ => Err(format!(
+                "OTEL_EXPORTER_OTLP_TIMEOUT {ms:?}: a positive number of milliseconds"
+            )),
+        },
+    }
+}
+
+fn build_exporter(target: &Target) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    let timeout = export_timeout()?;
+    let built = match target.wire {
+        Wire::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(RetryingClient::new(http_client(timeout)?))
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(target.url.as_str())
+            .with_timeout(timeout)
+            .build(),
+        Wire::Grpc => {
+            let builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_protocol(Protocol::Grpc)
+                .with_endpoint(target.url.as_str())
+                .with_timeout(timeout);
+            if target.url.scheme() == "https" {
+                let mut tls = ClientTlsConfig::new().with_native_roots();
+                if let Some(pem) = ca_pem()? {
+                    tls = tls.ca_certificate(Certificate::from_pem(pem));
+                }
+                builder.with_tls_config(tls).build()
+            } else {
+                builder.build()
+            }
+        }
+    };
+    built.map_err(|e| e.to_string())
+}
+
+/// reqwest with rustls and the system's roots, plus the CA certificates of
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (a PEM file) when set.
+fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().timeout(timeout);
+    if let Some(pem) = ca_pem()? {
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE: {e}"))?;
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// The PEM file `OTEL_EXPORTER_OTLP_CERTIFICATE` names (CA certificates to trust), if set.
+fn ca_pem() -> Result<Option<Vec<u8>>, String> {
+    let Some(path) = env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+    else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(&path)
+        .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {path:?}: {e}"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE {path:?}: no PEM certificate in it"
+        ));
+    }
+    Ok(Some(pem))
+}
+
+/// The SDK's resource (its detectors read `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`),
+/// with conveyor's defaults for what those leave unset.
+pub fn resource(role: &str) -> Resource {
+    let attributes = env("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    let names = |key: &str| {
+        attributes
+            .split(',')
+            .any(|pair| pair.split('=').next().map(str::trim) == Some(key))
+    };
+    let mut builder = Resource::builder();
+    if env("OTEL_SERVICE_NAME").is_none() && !names("service.name") {
+        builder = builder.with_service_name(format!("conveyor-{role}"));
+    }
+    if !names("service.instance.id") {
+        builder = builder.with_attribute(KeyValue::new(
+            "service.instance.id",
+            uuid::Uuid::now_v7().to_string(),
+        ));
+    }
+    builder.build()
+}
+
+/// The SDK's sampler from the environment (`OTEL_TRACES_SAMPLER` / `_ARG`), asked where a
+/// trace enters conveyor, with the caller's context as the remote parent.
+fn entry_sampler() -> trace::EntrySampler {
+    let sampler = opentelemetry_sdk::trace::Config::default().sampler;
+    Box::new(move |parent: Option<&TraceContext>, trace_id: &[u8; 16]| {
+        let parent = parent.map(|p| {
+            Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from_bytes(p.trace_id),
+                SpanId::from_bytes(p.span_id),
+                TraceFlags::new(p.flags),
+                true,
+                TraceState::NONE,
+            ))
+        });
+        let result = sampler.should_sample(
+            parent.as_ref(),
+            TraceId::from_bytes(*trace_id),
+            "ingest",
+            &SpanKind::Server,
+            &[],
+            &[],
+        );
+        result.decision == SamplingDecision::RecordAndSample
+    })
+}
+
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    scope: &InstrumentationScope,
+    attempts: u32,
+    url: &str,
+) {
     let spans = trace::take();
     for chunk in spans.chunks(MAX_EXPORT_BATCH) {
-        let body = request_body(service, chunk);
-        let sent = client
-            .post(url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_string())
-            .send()
-            .await;
         let count = chunk.len() as u64;
-        match sent {
-            Ok(response) if response.status().is_success() => {
-                trace::SPANS_EXPORTED.fetch_add(count, Ordering::Relaxed);
+        let mut batch: Vec<SpanData> = chunk.iter().map(|span| span_data(span, scope)).collect();
+        let mut attempt = 1;
+        let result = loop {
+            // A copy only while another attempt may follow.
+            let spans = if attempt < attempts {
+                batch.clone()
+            } else {
+                std::mem::take(&mut batch)
+            };
+            let result = exporter.export(spans).await;
+            if result.is_ok() || attempt >= attempts {
+                break result;
             }
-            Ok(response) => {
-                trace::SPANS_EXPORT_FAILED.fetch_add(count, Ordering::Relaxed);
-                tracing::warn!(status = %response.status(), spans = count, %url, "OTLP export refused");
+            tokio::time::sleep(crate::otlp_http::backoff(attempt)).await;
+            attempt += 1;
+        };
+        match result {
+            Ok(()) => {
+                trace::SPANS_EXPORTED.fetch_add(count, Ordering::Relaxed);
             }
             Err(error) => {
                 trace::SPANS_EXPORT_FAILED.fetch_add(count, Ordering::Relaxed);
@@ -97,63 +312,64 @@ async fn export(client: &reqwest::Client, url: &reqwest::Url, service: &str) {
     }
 }
 
-/// An `ExportTraceServiceRequest` in OTLP's JSON mapping.
-pub fn request_body(service: &str, spans: &[SpanRecord]) -> Value {
-    json!({
-        "resourceSpans": [{
-            "resource": {
-                "attributes": [
-                    {"key": "service.name", "value": {"stringValue": service}},
-                ],
-            },
-            "scopeSpans": [{
-                "scope": {"name": "conveyor", "version": env!("CARGO_PKG_VERSION")},
-                "spans": spans.iter().map(span_json).collect::<Vec<_>>(),
-            }],
-        }],
-    })
-}
-
 /// OTLP `SpanKind`: the doors serve requests, ingest produces to the queue, the processor
 /// consumes from it.
-fn kind(name: &str) -> u8 {
+fn kind(name: &str) -> SpanKind {
     match name {
-        "ingest" | "ingest_batch" => 2, // SERVER
-        "publish" => 4,                 // PRODUCER
-        "process" => 5,                 // CONSUMER
-        _ => 1,                         // INTERNAL
+        "ingest" | "ingest_batch" | "ingest_stream" | "publish_stream" => SpanKind::Server,
+        "publish" => SpanKind::Producer,
+        "process" => SpanKind::Consumer,
+        _ => SpanKind::Internal,
     }
 }
 
-fn span_json(span: &SpanRecord) -> Value {
-    let mut attributes: Vec<Value> = span
+fn time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+/// A recorded span as the SDK's exportable span.
+pub fn span_data(span: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
+    let mut attributes: Vec<KeyValue> = span
         .attributes
         .iter()
-        .map(|(key, value)| json!({"key": key, "value": {"intValue": value.to_string()}}))
+        .map(|&(key, value)| KeyValue::new(key, value))
         .collect();
     attributes.extend(
         span.string_attributes
             .iter()
-            .map(|(key, value)| json!({"key": key, "value": {"stringValue": value}})),
+            .map(|(key, value)| KeyValue::new(*key, value.clone())),
     );
-    let status = match &span.error {
-        Some(message) => json!({"code": 2, "message": message}),
-        None => json!({"code": 1}),
-    };
-    let mut out = json!({
-        "traceId": hex(&span.trace_id),
-        "spanId": hex(&span.span_id),
-        "name": span.name,
-        "kind": kind(span.name),
-        "startTimeUnixNano": span.start_ns.to_string(),
-        "endTimeUnixNano": span.end_ns.max(span.start_ns).to_string(),
-        "attributes": attributes,
-        "status": status,
-    });
-    if let Some(parent) = span.parent_span_id {
-        out["parentSpanId"] = Value::String(hex(&parent));
+    let trace_state = span
+        .trace_state
+        .as_deref()
+        .and_then(|state| state.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from_bytes(span.trace_id),
+            SpanId::from_bytes(span.span_id),
+            TraceFlags::SAMPLED,
+            false,
+            trace_state,
+        ),
+        parent_span_id: span
+            .parent_span_id
+            .map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_is_remote: false,
+        span_kind: kind(span.name),
+        name: Cow::Borrowed(span.name),
+        start_time: time(span.start_ns),
+        end_time: time(span.end_ns.max(span.start_ns)),
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match &span.error {
+            Some(message) => Status::error(message.clone()),
+            None => Status::Ok,
+        },
+        instrumentation_scope: scope.clone(),
     }
-    out
 }
 
 #[cfg(test)]
@@ -177,7 +393,15 @@ mod tests {
     }
 
     #[test]
-    fn spans_are_rendered_in_the_otlp_json_mapping() {
+    fn the_protocol_names_the_wire() {
+        assert_eq!(wire(None), Ok(Wire::HttpProtobuf));
+        assert_eq!(wire(Some("http/protobuf")), Ok(Wire::HttpProtobuf));
+        assert_eq!(wire(Some("grpc")), Ok(Wire::Grpc));
+        assert!(wire(Some("http/json")).is_err());
+    }
+
+    #[test]
+    fn spans_become_sdk_span_data() {
         let span = SpanRecord {
             trace_id: [0xab; 16],
             span_id: [0x01; 8],
@@ -185,24 +409,29 @@ mod tests {
             name: "publish",
             start_ns: 10,
             end_ns: 20,
-            error: None,
+            error: Some("refused".into()),
             attributes: vec![("conveyor.events", 3)],
             string_attributes: vec![("conveyor.event_id", "e-1".into())],
+            trace_state: Some("rojo=00f067aa0ba902b7".into()),
         };
-        let body = request_body("conveyor-ingest", &[span]);
-        let resource = &body["resourceSpans"][0];
+        let scope = InstrumentationScope::builder("conveyor").build();
+        let data = span_data(&span, &scope);
         assert_eq!(
-            resource["resource"]["attributes"][0]["value"]["stringValue"],
-            "conveyor-ingest"
+            data.span_context.trace_id().to_string(),
+            "abababababababababababababababab"
         );
-        let span = &resource["scopeSpans"][0]["spans"][0];
-        assert_eq!(span["traceId"], "abababababababababababababababab");
-        assert_eq!(span["spanId"], "0101010101010101");
-        assert_eq!(span["parentSpanId"], "0202020202020202");
-        assert_eq!(span["kind"], 4);
-        assert_eq!(span["startTimeUnixNano"], "10");
-        assert_eq!(span["attributes"][0]["value"]["intValue"], "3");
-        assert_eq!(span["attributes"][1]["value"]["stringValue"], "e-1");
-        assert_eq!(span["status"]["code"], 1);
+        assert_eq!(data.parent_span_id.to_string(), "0202020202020202");
+        assert_eq!(data.span_kind, SpanKind::Producer);
+        assert_eq!(data.end_time, UNIX_EPOCH + Duration::from_nanos(20));
+        assert_eq!(data.attributes[0], KeyValue::new("conveyor.events", 3));
+        assert_eq!(
+            data.attributes[1],
+            KeyValue::new("conveyor.event_id", "e-1")
+        );
+        assert_eq!(data.status, Status::error("refused"));
+        assert_eq!(
+            data.span_context.trace_state().header(),
+            "rojo=00f067aa0ba902b7"
+        );
     }
 }

@@ -47,13 +47,14 @@ pub async fn run(command: Command) -> Result<(), Failure> {
     }
     let exporter = match command.otlp() {
         Some((role, endpoint)) => {
-            let url = crate::otlp::traces_url(endpoint).map_err(|e| {
+            let config = |e: String| {
                 Failure::Config(format!(
                     "OTEL_EXPORTER_OTLP_ENDPOINT (--otlp-endpoint) {endpoint:?}: {e}"
                 ))
-            })?;
-            tracing::info!(%url, "exporting trace spans (OTLP/HTTP JSON)");
-            Some(crate::otlp::Exporter::start(url, role))
+            };
+            let target = crate::otlp::target(endpoint).map_err(config)?;
+            tracing::info!(url = %target.url, wire = ?target.wire, "exporting trace spans (OTLP)");
+            Some(crate::otlp::Exporter::start(&target, role).map_err(config)?)
         }
         None => None,
     };

@@ -1,153 +1,21 @@
 //! Trace context and OTLP export: one trace id from the door to the sink, in split mode and in
-//! `conveyor run`, recorded by an in-process OTLP/HTTP JSON collector.
+//! `conveyor run`, recorded by an in-process OTLP/HTTP collector that decodes the protobuf with
+//! the upstream OTLP types (`collector`); the exporter's https, headers, retry and sampling
+//! (`export`).
 
-use std::sync::{Arc, Mutex};
+mod collector;
+mod export;
+
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::HeaderMap;
-use axum::routing::post;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::harness::{Conveyor, Spawn, Split, accepted_id, eventually, spawn_split_with};
-
-/// One span as the collector received it.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    name: String,
-    trace_id: String,
-    span_id: String,
-    parent: Option<String>,
-    event_id: Option<String>,
-}
-
-/// A tiny OTLP/HTTP collector: `POST /v1/traces` with JSON, every span kept.
-struct Collector {
-    url: String,
-    spans: Arc<Mutex<Vec<Span>>>,
-    problems: Arc<Mutex<Vec<String>>>,
-}
-
-impl Collector {
-    async fn start() -> Collector {
-        let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
-        let problems: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (kept, bad) = (spans.clone(), problems.clone());
-        let app = Router::new().route(
-            "/v1/traces",
-            post(move |headers: HeaderMap, body: String| {
-                let (kept, bad) = (kept.clone(), bad.clone());
-                async move {
-                    let content_type = headers
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    if content_type != "application/json" {
-                        bad.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(format!("content-type {content_type:?}"));
-                    }
-                    match serde_json::from_str::<Value>(&body) {
-                        Ok(request) => kept
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .extend(read_spans(&request)),
-                        Err(error) => bad
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(format!("{error}: {body}")),
-                    }
-                    "{}"
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the collector");
-        let url = format!(
-            "http://{}",
-            listener.local_addr().expect("the collector's address")
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Collector {
-            url,
-            spans,
-            problems,
-        }
-    }
-
-    fn trace(&self, trace_id: &str) -> Vec<Span> {
-        let problems = self
-            .problems
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        assert!(problems.is_empty(), "bad export requests: {problems:?}");
-        let spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
-        spans
-            .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
-            .collect()
-    }
-
-    /// The trace of the event whose `process` span names `event_id`.
-    async fn trace_of_event(&self, event_id: &str) -> String {
-        eventually(
-            &format!("a process span for event {event_id}"),
-            Duration::from_secs(20),
-            async || {
-                let spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
-                spans
-                    .iter()
-                    .find(|s| s.name == "process" && s.event_id.as_deref() == Some(event_id))
-                    .map(|s| s.trace_id.clone())
-                    .ok_or_else(|| format!("{} spans so far", spans.len()))
-            },
-        )
-        .await
-    }
-}
-
-fn read_spans(request: &Value) -> Vec<Span> {
-    let mut out = Vec::new();
-    for resource in request["resourceSpans"].as_array().into_iter().flatten() {
-        let service = resource["resource"]["attributes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|a| a["key"] == "service.name")
-            .and_then(|a| a["value"]["stringValue"].as_str())
-            .unwrap_or("")
-            .to_owned();
-        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
-            for span in scope["spans"].as_array().into_iter().flatten() {
-                let text = |key: &str| span[key].as_str().map(str::to_owned);
-                let event_id = span["attributes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|a| a["key"] == "conveyor.event_id")
-                    .and_then(|a| a["value"]["stringValue"].as_str())
-                    .map(str::to_owned);
-                out.push(Span {
-                    service: service.clone(),
-                    name: text("name").unwrap_or_default(),
-                    trace_id: text("traceId").unwrap_or_default(),
-                    span_id: text("spanId").unwrap_or_default(),
-                    parent: text("parentSpanId").filter(|p| !p.is_empty()),
-                    event_id,
-                });
-            }
-        }
-    }
-    out
-}
+use collector::{Collector, Span};
 
 /// Waits until the trace holds a door span, a publish span and a process span for every one
 /// of `events`, each the child of the one before, and returns the door span.
-async fn assert_chain(
+pub(crate) async fn assert_chain(
     collector: &Collector,
     trace_id: &str,
     services: [&str; 3],
@@ -201,10 +69,10 @@ async fn assert_chain(
     .await
 }
 
-const PARENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const PARENT_SPAN: &str = "00f067aa0ba902b7";
+pub(crate) const PARENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+pub(crate) const PARENT_SPAN: &str = "00f067aa0ba902b7";
 
-async fn post_event(target: &Conveyor, traceparent: Option<&str>, id: &str) -> String {
+pub(crate) async fn post_event(target: &Conveyor, traceparent: Option<&str>, id: &str) -> String {
     let mut request = target
         .http()
         .post(target.url("/api/v1/ingest"))
