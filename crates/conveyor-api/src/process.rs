@@ -1,7 +1,8 @@
 //! The process's own resource use, read from `/proc/self` at scrape time (Linux; elsewhere the
 //! families are left out): the standard `process_*` names the Prometheus client libraries use.
+//! [`read`] does blocking file I/O: `/metrics` calls it on the blocking pool.
 
-use std::fmt::Write as _;
+use crate::exposition::Exposition;
 
 /// Kernel clock ticks per second for `/proc` times (USER_HZ, 100 on every Linux ABI).
 const TICKS_PER_SEC: f64 = 100.0;
@@ -70,57 +71,44 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
-/// Appends the `process_*` families.
-pub fn render(out: &mut String) {
-    let Some(p) = read() else { return };
-    let mut family = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    family(
+/// Adds the `process_*` families.
+pub fn render(out: &mut Exposition, p: &ProcessStats) {
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    out.counter_f64(
         "process_cpu_seconds_total",
-        "counter",
         "User and system CPU time spent, in seconds.",
-        p.cpu_seconds.to_string(),
+        p.cpu_seconds,
     );
-    family(
+    out.gauge(
         "process_resident_memory_bytes",
-        "gauge",
         "Resident memory size in bytes.",
-        p.resident_bytes.to_string(),
+        gauge(p.resident_bytes),
     );
-    family(
+    out.gauge(
         "process_virtual_memory_bytes",
-        "gauge",
         "Virtual memory size in bytes.",
-        p.virtual_bytes.to_string(),
+        gauge(p.virtual_bytes),
     );
-    family(
+    out.gauge(
         "process_threads",
-        "gauge",
         "OS threads in the process.",
-        p.threads.to_string(),
+        gauge(p.threads),
     );
-    family(
+    out.gauge_f64(
         "process_start_time_seconds",
-        "gauge",
         "Start time of the process since the Unix epoch, in seconds.",
-        p.start_time_seconds.to_string(),
+        p.start_time_seconds,
     );
-    family(
+    out.gauge(
         "process_open_fds",
-        "gauge",
         "Open file descriptors.",
-        p.open_fds.to_string(),
+        gauge(p.open_fds),
     );
     if let Some(max) = p.max_fds {
-        family(
+        out.gauge(
             "process_max_fds",
-            "gauge",
             "Most open file descriptors allowed.",
-            max.to_string(),
+            gauge(max),
         );
     }
 }

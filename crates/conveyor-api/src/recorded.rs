@@ -7,11 +7,11 @@
 //! ([`mark_ingest`], [`mark_processor`]), so a split-mode gateway does not show empty sink
 //! histograms.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use conveyor_core::ErrorCode;
 
+use crate::exposition::Exposition;
 use crate::histogram::{BATCH_EVENTS, Histogram, PAYLOAD_BYTES};
 
 /// Time from handing a batch to the queue until it confirmed (or refused) every event.
@@ -113,98 +113,126 @@ pub fn end_to_end_here() -> Option<crate::histogram::Snapshot> {
 }
 
 /// The ingest role's recorded families (nothing unless this process runs an ingest).
-pub fn render_ingest(out: &mut String) {
+pub fn render_ingest(out: &mut Exposition) {
     if !INGEST_HERE.load(Ordering::Relaxed) {
         return;
     }
-    PUBLISH_DURATION.render_family(
-        out,
-        "conveyor_publish_duration_seconds",
-        "Time from handing a batch to the queue until it confirmed every event in it.",
-    );
-    PUBLISH_BATCH_EVENTS.render_family(
-        out,
-        "conveyor_publish_batch_events",
-        "Events per publish call to the queue.",
-    );
-    PAYLOAD_SIZE.render_family(
-        out,
-        "conveyor_event_payload_bytes",
-        "Payload size of each valid event taken in.",
-    );
+    for (name, help, histogram) in [
+        (
+            "conveyor_publish_duration_seconds",
+            "Time from handing a batch to the queue until it confirmed every event in it.",
+            &PUBLISH_DURATION,
+        ),
+        (
+            "conveyor_publish_batch_events",
+            "Events per publish call to the queue.",
+            &PUBLISH_BATCH_EVENTS,
+        ),
+        (
+            "conveyor_event_payload_bytes",
+            "Payload size of each valid event taken in.",
+            &PAYLOAD_SIZE,
+        ),
+    ] {
+        out.histograms(name, help, vec![(Vec::new(), histogram.value())]);
+    }
 }
 
 /// The processor role's recorded families (nothing unless this process runs a worker pool).
-pub fn render_processor(out: &mut String) {
+pub fn render_processor(out: &mut Exposition) {
     if !PROCESSOR_HERE.load(Ordering::Relaxed) {
         return;
     }
-    FETCH_BATCH_EVENTS.render_family(
-        out,
+    let plain = |h: &Histogram| vec![(Vec::new(), h.value())];
+    out.histograms(
         "conveyor_fetch_batch_events",
         "Deliveries per batch a worker fetched from the queue.",
+        plain(&FETCH_BATCH_EVENTS),
     );
-    out.push_str(
-        "# HELP conveyor_stage_duration_seconds Time one pipeline stage took on one event, by stage kind.\n\
-         # TYPE conveyor_stage_duration_seconds histogram\n",
+    out.histograms(
+        "conveyor_stage_duration_seconds",
+        "Time one pipeline stage took on one event, by stage kind.",
+        STAGE_KINDS
+            .iter()
+            .zip(&STAGE_DURATION)
+            .map(|(kind, h)| (vec![("stage", (*kind).to_owned())], h.value()))
+            .collect(),
     );
-    for (kind, histogram) in STAGE_KINDS.iter().zip(&STAGE_DURATION) {
-        histogram.render_samples(
-            out,
-            "conveyor_stage_duration_seconds",
-            &format!("stage=\"{kind}\""),
-        );
-    }
-    SINK_WRITE_DURATION.render_family(
-        out,
+    out.histograms(
         "conveyor_sink_write_duration_seconds",
         "Time one sink write (a batch) took until the sink confirmed it.",
+        plain(&SINK_WRITE_DURATION),
     );
-    SINK_BATCH_EVENTS.render_family(out, "conveyor_sink_batch_events", "Events per sink write.");
-    END_TO_END.render_family(
-        out,
+    out.histograms(
+        "conveyor_sink_batch_events",
+        "Events per sink write.",
+        plain(&SINK_BATCH_EVENTS),
+    );
+    out.histograms(
         "conveyor_end_to_end_latency_seconds",
         "From the event's acceptance timestamp until the sink confirmed its write.",
+        plain(&END_TO_END),
     );
-    crate::text::render_value(
-        out,
+    out.counter(
         "conveyor_sink_errors_total",
-        "counter",
         "Sink writes that failed (their events are retried).",
         SINK_ERRORS.load(Ordering::Relaxed),
     );
-    let busy = WORKER_BUSY_MICROS.load(Ordering::Relaxed) as f64 / 1e6;
-    let _ = writeln!(
-        out,
-        "# HELP conveyor_worker_busy_seconds_total Time workers spent on batches; its rate over the pool size is the utilisation.\n\
-         # TYPE conveyor_worker_busy_seconds_total counter\nconveyor_worker_busy_seconds_total {busy}"
+    out.counter_f64(
+        "conveyor_worker_busy_seconds_total",
+        "Time workers spent on batches; its rate over the pool size is the utilisation.",
+        WORKER_BUSY_MICROS.load(Ordering::Relaxed) as f64 / 1e6,
     );
 }
 
-/// Families every process has: events by door, error answers by code.
-pub fn render_edges(out: &mut String) {
-    out.push_str(
-        "# HELP conveyor_events_received_total Events that arrived at this process, by door (before validation).\n\
-         # TYPE conveyor_events_received_total counter\n",
+/// Families every process has: events by door, error answers by code, the span exporter's
+/// counters.
+pub fn render_edges(out: &mut Exposition) {
+    out.counters(
+        "conveyor_events_received_total",
+        "Events that arrived at this process, by door (before validation).",
+        DOORS
+            .iter()
+            .zip(&RECEIVED)
+            .map(|((_, door), n)| {
+                (
+                    vec![("door", (*door).to_owned())],
+                    n.load(Ordering::Relaxed),
+                )
+            })
+            .collect(),
     );
-    for ((_, door), count) in DOORS.iter().zip(&RECEIVED) {
-        let _ = writeln!(
-            out,
-            "conveyor_events_received_total{{door=\"{door}\"}} {}",
-            count.load(Ordering::Relaxed)
-        );
-    }
-    out.push_str(
-        "# HELP conveyor_error_answers_total Requests answered with an error, by error code (HTTP and gRPC).\n\
-         # TYPE conveyor_error_answers_total counter\n",
+    out.counters(
+        "conveyor_error_answers_total",
+        "Requests answered with an error, by error code (HTTP and gRPC).",
+        ErrorCode::ALL
+            .iter()
+            .zip(&ERROR_ANSWERS)
+            .map(|(code, n)| {
+                (
+                    vec![("code", code.as_str().to_owned())],
+                    n.load(Ordering::Relaxed),
+                )
+            })
+            .collect(),
     );
-    for (code, count) in ErrorCode::ALL.iter().zip(&ERROR_ANSWERS) {
-        let _ = writeln!(
-            out,
-            "conveyor_error_answers_total{{code=\"{}\"}} {}",
-            code.as_str(),
-            count.load(Ordering::Relaxed)
-        );
+    for (name, help, counter) in [
+        (
+            "conveyor_trace_spans_exported_total",
+            "Trace spans the OTLP collector accepted.",
+            &crate::trace::SPANS_EXPORTED,
+        ),
+        (
+            "conveyor_trace_spans_dropped_total",
+            "Trace spans dropped because the export buffer was full.",
+            &crate::trace::SPANS_DROPPED,
+        ),
+        (
+            "conveyor_trace_spans_export_failed_total",
+            "Trace spans lost because an OTLP export request failed.",
+            &crate::trace::SPANS_EXPORT_FAILED,
+        ),
+    ] {
+        out.counter(name, help, counter.load(Ordering::Relaxed));
     }
-    crate::trace::render(out);
 }

@@ -562,11 +562,18 @@ fn record_written(events: &[Event]) {
     let mut latency = recorded::END_TO_END.local();
     for event in events {
         // A client-supplied timestamp in the future counts as zero.
-        latency.record(
-            written_ms
-                .saturating_sub(event.timestamp_ms)
-                .saturating_mul(1000),
-        );
+        let micros = written_ms
+            .saturating_sub(event.timestamp_ms)
+            .saturating_mul(1000);
+        // The bucket's exemplar: the event's trace, read only while the bucket has none yet in
+        // this batch and only from an event that carries headers.
+        latency.record_traced(micros, || {
+            if event.headers.is_empty() {
+                None
+            } else {
+                trace::event_context(event).map(|c| c.trace_id)
+            }
+        });
     }
 }
 
