@@ -12,11 +12,36 @@
 //! encoded OpenMetrics text, in the order the crate wrote them ([`Exposition::encode`]).
 
 use std::fmt::Write as _;
+use std::sync::RwLock;
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::registry::Registry;
+
+/// What adds a crate's own families to a scrape.
+pub type Collect = fn(&mut Exposition);
+
+static COLLECTORS: RwLock<Vec<(&'static str, Collect)>> = RwLock::new(Vec::new());
+
+/// Adds `collect` (named `name`; registering a name again changes nothing) to every `/metrics`
+/// of this process. A crate registers its families when it starts working here (the ingest,
+/// the worker pool), so a process shows what it does and nothing else, and this crate does not
+/// need to know which roles exist.
+pub fn register(name: &'static str, collect: Collect) {
+    let mut collectors = COLLECTORS.write().unwrap_or_else(|p| p.into_inner());
+    if !collectors.iter().any(|(n, _)| *n == name) {
+        collectors.push((name, collect));
+    }
+}
+
+/// Runs every registered collector, in the order they were registered.
+pub fn collect_registered(out: &mut Exposition) {
+    let collectors = COLLECTORS.read().unwrap_or_else(|p| p.into_inner()).clone();
+    for (_, collect) in collectors {
+        collect(out);
+    }
+}
 
 /// The content type of Prometheus text (format 0.0.4).
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -35,7 +35,8 @@ pub const PAYLOAD_BYTES: &[u64] = &[
     64, 256, 1_024, 4_096, 16_384, 65_536, 262_144, 1_048_576, 4_194_304,
 ];
 
-/// One histogram: cumulative-on-render bucket counters, a count and a sum.
+/// One histogram: per-bucket counters, a count and a sum.
+#[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [u64],
     scale: f64,

@@ -220,7 +220,8 @@ pub fn health_routes(readiness: Readiness, probe: Option<ReadyProbe>) -> Router 
 }
 
 /// Completes a service's router: adds `/health`, `/ready` (with `probe`), `/metrics` (HTTP metrics followed by
-/// the families `render` gives, as Prometheus text, or OpenMetrics when the scraper's `Accept`
+/// the families `render` gives and those the crates at work here registered
+/// ([`exposition::register`]), as Prometheus text, or OpenMetrics when the scraper's `Accept`
 /// asks for it), a JSON 404 for unknown paths, and request metrics on every route.
 pub fn service_router<F, Fut>(
     routes: Router,
@@ -252,6 +253,7 @@ where
             scrape_metrics.render(&mut out);
             metrics::render_common(&mut out, ready, process.as_ref());
             out.append(render().await);
+            exposition::collect_registered(&mut out);
             (
                 [(header::CONTENT_TYPE, format.content_type())],
                 out.encode(format),
