@@ -6,10 +6,17 @@
 //! that records per event collects into a [`LocalHistogram`] first and
 //! [`flushes`](LocalHistogram::flush) it once per batch, so many events cost one set of atomic
 //! adds.
+//!
+//! A histogram can also keep, per bucket, the trace id of a recent value ([`Histogram::record_traced`],
+//! [`LocalHistogram::record_traced`]): the exemplars of OpenMetrics. Storing one is a `try_lock`
+//! on that bucket's slot (skipped when another thread holds it), at most once per bucket per
+//! batch, and only for values that carry a trace: the hot path never waits.
 
-use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::exposition::{HistogramValue, TraceExemplar};
 
 /// Most buckets a histogram may have (its `+Inf` bucket not counted).
 pub const MAX_BUCKETS: usize = 16;
@@ -28,7 +35,8 @@ pub const PAYLOAD_BYTES: &[u64] = &[
     64, 256, 1_024, 4_096, 16_384, 65_536, 262_144, 1_048_576, 4_194_304,
 ];
 
-/// One histogram: cumulative-on-render bucket counters, a count and a sum.
+/// One histogram: per-bucket counters, a count and a sum.
+#[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [u64],
     scale: f64,
@@ -36,6 +44,17 @@ pub struct Histogram {
     buckets: [AtomicU64; MAX_BUCKETS + 1],
     count: AtomicU64,
     sum: AtomicU64,
+    /// The latest traced value of each bucket.
+    exemplars: [Mutex<Option<Kept>>; MAX_BUCKETS + 1],
+}
+
+/// A bucket's exemplar as kept: trace id, value in the base unit, seconds since the epoch.
+type Kept = ([u8; 16], u64, f64);
+
+fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Histogram {
@@ -49,6 +68,7 @@ impl Histogram {
             buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS + 1],
             count: AtomicU64::new(0),
             sum: AtomicU64::new(0),
+            exemplars: [const { Mutex::new(None) }; MAX_BUCKETS + 1],
         }
     }
 
@@ -73,6 +93,51 @@ impl Histogram {
         self.record(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
     }
 
+    /// Records one value and, when it belongs to a trace, keeps `trace_id` as its bucket's
+    /// exemplar.
+    pub fn record_traced(&self, value: u64, trace_id: Option<[u8; 16]>) {
+        self.record(value);
+        if let Some(trace_id) = trace_id {
+            self.keep_exemplar(self.slot(value), trace_id, value);
+        }
+    }
+
+    fn keep_exemplar(&self, slot: usize, trace_id: [u8; 16], value: u64) {
+        if let Ok(mut exemplar) = self.exemplars[slot].try_lock() {
+            *exemplar = Some((trace_id, value, now_seconds()));
+        }
+    }
+
+    /// The buckets (per bucket, not cumulative, `+Inf` last), sum and exemplars, for
+    /// [`crate::exposition`].
+    pub fn value(&self) -> HistogramValue {
+        let bounds = self
+            .bounds
+            .iter()
+            .map(|b| *b as f64 / self.scale)
+            .chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.buckets)
+            .map(|(le, n)| (le, n.load(Ordering::Relaxed)))
+            .collect();
+        let exemplars = self.exemplars[..buckets.len()]
+            .iter()
+            .map(|slot| {
+                let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                slot.map(|(trace_id, value, at_seconds)| TraceExemplar {
+                    trace_id,
+                    value: value as f64 / self.scale,
+                    at_seconds,
+                })
+            })
+            .collect();
+        HistogramValue {
+            buckets,
+            sum: self.sum.load(Ordering::Relaxed) as f64 / self.scale,
+            exemplars,
+        }
+    }
+
     /// A per-batch accumulator for this histogram.
     pub fn local(&'static self) -> LocalHistogram {
         LocalHistogram {
@@ -80,6 +145,7 @@ impl Histogram {
             buckets: [0; MAX_BUCKETS + 1],
             count: 0,
             sum: 0,
+            exemplars: [None; MAX_BUCKETS + 1],
         }
     }
 
@@ -106,42 +172,6 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
-
-    /// Appends `# HELP`, `# TYPE` and the samples of this histogram with no labels.
-    pub fn render_family(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        self.render_samples(out, name, "");
-    }
-
-    /// Appends the `_bucket`, `_sum` and `_count` samples, with `labels` (`k="v",…` or empty).
-    pub fn render_samples(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0u64;
-        for (i, bound) in self.bounds.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let le = *bound as f64 / self.scale;
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
-            );
-        }
-        cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
-        // The count is read after the buckets: a record racing with this render may be in one
-        // and not the other, but `+Inf` must equal `_count`, so both print the buckets' total.
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
-        );
-        let sum = self.sum.load(Ordering::Relaxed) as f64 / self.scale;
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
-        } else {
-            let _ = writeln!(
-                out,
-                "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cumulative}"
-            );
-        }
-    }
 }
 
 /// A histogram's buckets at one moment: `counts[i]` values fell in `(bounds[i-1], bounds[i]]`,
@@ -160,13 +190,30 @@ pub struct LocalHistogram {
     buckets: [u64; MAX_BUCKETS + 1],
     count: u64,
     sum: u64,
+    /// A traced value per bucket, kept at the flush: trace id and value.
+    exemplars: [Option<([u8; 16], u64)>; MAX_BUCKETS + 1],
 }
 
 impl LocalHistogram {
     pub fn record(&mut self, value: u64) {
-        self.buckets[self.target.slot(value)] += 1;
+        self.record_slot(value);
+    }
+
+    fn record_slot(&mut self, value: u64) -> usize {
+        let slot = self.target.slot(value);
+        self.buckets[slot] += 1;
         self.count += 1;
         self.sum = self.sum.saturating_add(value);
+        slot
+    }
+
+    /// Records one value; `trace_id` is asked only when its bucket has no exemplar yet in
+    /// this batch, so a batch reads at most one trace context per bucket.
+    pub fn record_traced(&mut self, value: u64, trace_id: impl FnOnce() -> Option<[u8; 16]>) {
+        let slot = self.record_slot(value);
+        if self.exemplars[slot].is_none() {
+            self.exemplars[slot] = trace_id().map(|id| (id, value));
+        }
     }
 
     pub fn record_duration(&mut self, elapsed: Duration) {
@@ -188,6 +235,11 @@ impl LocalHistogram {
         self.target.sum.fetch_add(self.sum, Ordering::Relaxed);
         self.count = 0;
         self.sum = 0;
+        for (slot, exemplar) in self.exemplars.iter_mut().enumerate() {
+            if let Some((trace_id, value)) = exemplar.take() {
+                self.target.keep_exemplar(slot, trace_id, value);
+            }
+        }
     }
 }
 
@@ -204,41 +256,40 @@ mod tests {
     static H: Histogram = Histogram::new(&[10, 100, 1000], 1.0);
 
     #[test]
-    fn values_land_in_cumulative_buckets_and_local_flushes_add_up() {
+    fn values_land_in_their_buckets_and_local_flushes_add_up() {
         H.record(5);
         H.record(10);
         H.record(50);
         {
             let mut local = H.local();
             local.record(500);
-            local.record(5000);
+            local.record_traced(5000, || Some([7; 16]));
+            local.record_traced(6000, || panic!("one trace context per bucket and batch"));
         }
-        let mut out = String::new();
-        H.render_family(&mut out, "x", "help");
-        for line in [
-            "x_bucket{le=\"10\"} 2",
-            "x_bucket{le=\"100\"} 3",
-            "x_bucket{le=\"1000\"} 4",
-            "x_bucket{le=\"+Inf\"} 5",
-            "x_sum 5565",
-            "x_count 5",
-        ] {
-            assert!(out.contains(line), "missing {line:?} in\n{out}");
-        }
-        let mut labelled = String::new();
-        H.render_samples(&mut labelled, "x", "stage=\"json\"");
-        assert!(labelled.contains("x_bucket{stage=\"json\",le=\"+Inf\"} 5"));
-        assert!(labelled.contains("x_count{stage=\"json\"} 5"));
+        let value = H.value();
+        assert_eq!(
+            value.buckets,
+            vec![(10.0, 2), (100.0, 1), (1000.0, 1), (f64::INFINITY, 2)]
+        );
+        assert_eq!(value.sum, 11565.0);
+        assert_eq!(H.count(), 6);
+        let kept: Vec<_> = value
+            .exemplars
+            .iter()
+            .map(|e| e.map(|e| e.trace_id))
+            .collect();
+        assert_eq!(kept, vec![None, None, None, Some([7; 16])]);
     }
 
     #[test]
-    fn seconds_render_le_in_seconds() {
+    fn seconds_are_exposed_in_seconds_with_the_traced_value() {
         static S: Histogram = Histogram::seconds();
         S.record_duration(Duration::from_millis(3));
-        let mut out = String::new();
-        S.render_family(&mut out, "d_seconds", "help");
-        assert!(out.contains("d_seconds_bucket{le=\"0.0025\"} 0"), "{out}");
-        assert!(out.contains("d_seconds_bucket{le=\"0.005\"} 1"), "{out}");
-        assert!(out.contains("d_seconds_sum 0.003"), "{out}");
+        S.record_traced(4_000, Some([1; 16]));
+        let value = S.value();
+        assert_eq!(value.buckets[5], (0.005, 2));
+        assert!((value.sum - 0.007).abs() < 1e-9, "{value:?}");
+        let exemplar = value.exemplars[5].expect("exemplar kept");
+        assert_eq!((exemplar.trace_id, exemplar.value), ([1; 16], 0.004));
     }
 }

@@ -9,6 +9,7 @@
 //! - [`body`]: request bodies read with a size limit and checked content type.
 
 pub mod body;
+pub mod exposition;
 pub mod grpc_health;
 pub mod histogram;
 pub mod metrics;
@@ -16,7 +17,6 @@ pub mod process;
 pub mod profiling;
 pub mod queue_metrics;
 pub mod recorded;
-mod text;
 pub mod trace;
 
 use std::net::SocketAddr;
@@ -220,7 +220,9 @@ pub fn health_routes(readiness: Readiness, probe: Option<ReadyProbe>) -> Router 
 }
 
 /// Completes a service's router: adds `/health`, `/ready` (with `probe`), `/metrics` (HTTP metrics followed by
-/// what `render` appends), a JSON 404 for unknown paths, and request metrics on every route.
+/// the families `render` gives and those the crates at work here registered
+/// ([`exposition::register`]), as Prometheus text, or OpenMetrics when the scraper's `Accept`
+/// asks for it), a JSON 404 for unknown paths, and request metrics on every route.
 pub fn service_router<F, Fut>(
     routes: Router,
     readiness: Readiness,
@@ -230,20 +232,32 @@ pub fn service_router<F, Fut>(
 ) -> Router
 where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = String> + Send + 'static,
+    Fut: std::future::Future<Output = exposition::Exposition> + Send + 'static,
 {
     let scrape_metrics = http_metrics.clone();
     let scrape_readiness = readiness.clone();
-    let metrics_route = get(move || {
+    let metrics_route = get(move |headers: axum::http::HeaderMap| {
         let render = render.clone();
         let scrape_metrics = scrape_metrics.clone();
         let ready = scrape_readiness.is_ready();
         async move {
-            let mut out = String::with_capacity(16384);
+            let format = exposition::Format::from_accept(
+                headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+            );
+            // `/proc` reads are file I/O: off the async runtime.
+            let process = tokio::task::spawn_blocking(process::read)
+                .await
+                .ok()
+                .flatten();
+            let mut out = exposition::Exposition::new();
             scrape_metrics.render(&mut out);
-            metrics::render_common(&mut out, ready);
-            out.push_str(&render().await);
-            ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], out)
+            metrics::render_common(&mut out, ready, process.as_ref());
+            out.append(render().await);
+            exposition::collect_registered(&mut out);
+            (
+                [(header::CONTENT_TYPE, format.content_type())],
+                out.encode(format),
+            )
         }
     });
     routes

@@ -1,11 +1,11 @@
-//! Prometheus text exposition (format 0.0.4) for every service's `/metrics`.
+//! The families of every service's `/metrics`, pushed into an [`Exposition`] at scrape time
+//! (which `prometheus-client` encodes as Prometheus text or OpenMetrics).
 //!
 //! HTTP request metrics are recorded by [`HttpMetrics::layer`] with bounded labels (the matched
 //! route pattern, never the raw path; the status code). Service statistics are rendered at
 //! scrape time from the same counters `/stats` reports, so the two can never disagree.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
@@ -16,9 +16,8 @@ use axum::response::Response;
 
 use conveyor_core::stats::{PoolStats, QueueStats};
 
+use crate::exposition::Exposition;
 use crate::histogram::Histogram;
-
-use crate::text::{escape, render_value};
 
 /// Request durations, in microseconds: 100 µs to 30 s (see [`crate::histogram`]).
 const REQUEST_MICROS: &[u64] = crate::histogram::DURATION_MICROS;
@@ -74,6 +73,13 @@ impl HttpMetrics {
                 .get::<MatchedPath>()
                 .map_or("unmatched", |p| p.as_str()),
         );
+        // The caller's trace, for the duration's exemplar.
+        let trace_id = request
+            .headers()
+            .get(conveyor_core::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(conveyor_core::TraceContext::parse)
+            .map(|c| c.trace_id);
         let method = METHODS
             .iter()
             .position(|m| *m == request.method().as_str())
@@ -90,7 +96,8 @@ impl HttpMetrics {
         });
         let status = usize::from(response.status().as_u16()).clamp(100, 599) - 100;
         entry.by_status[status].fetch_add(1, Ordering::Relaxed);
-        entry.duration.record_duration(started.elapsed());
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        entry.duration.record_traced(micros, trace_id);
         response
     }
 
@@ -121,9 +128,9 @@ impl HttpMetrics {
         merged
     }
 
-    /// Appends `http_requests_total`, `http_request_duration_seconds` and
+    /// Adds `http_requests_total`, `http_request_duration_seconds` and
     /// `http_requests_in_flight`.
-    pub fn render(&self, out: &mut String) {
+    pub fn render(&self, out: &mut Exposition) {
         let routes: Vec<(String, Arc<RouteMetrics>)> = {
             let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
             let mut list: Vec<_> = routes
@@ -141,61 +148,63 @@ impl HttpMetrics {
                     .filter_map(move |(method, m)| Some((route, *method, m.get()?)))
             })
         };
-        out.push_str(
-            "# HELP http_requests_total HTTP requests answered, by route, method and status.\n",
-        );
-        out.push_str("# TYPE http_requests_total counter\n");
+        let mut requests = Vec::new();
         for (route, method, metrics) in seen() {
             for (status, count) in metrics.by_status.iter().enumerate() {
                 let count = count.load(Ordering::Relaxed);
                 if count > 0 {
-                    let _ = writeln!(
-                        out,
-                        "http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{}\"}} {count}",
-                        escape(route),
-                        status + 100
-                    );
+                    let labels = vec![
+                        ("route", route.clone()),
+                        ("method", method.to_owned()),
+                        ("status", (status + 100).to_string()),
+                    ];
+                    requests.push((labels, count));
                 }
             }
         }
-        out.push_str("# HELP http_request_duration_seconds Time to answer an HTTP request.\n");
-        out.push_str("# TYPE http_request_duration_seconds histogram\n");
-        for (route, method, metrics) in seen() {
-            let labels = format!("route=\"{}\",method=\"{method}\"", escape(route));
-            metrics
-                .duration
-                .render_samples(out, "http_request_duration_seconds", &labels);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP http_requests_in_flight HTTP requests being answered now.\n# TYPE http_requests_in_flight gauge\nhttp_requests_in_flight {}",
-            self.in_flight.load(Ordering::Relaxed).max(0)
+        out.counters(
+            "http_requests_total",
+            "HTTP requests answered, by route, method and status.",
+            requests,
+        );
+        out.histograms(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request.",
+            seen()
+                .map(|(route, method, metrics)| {
+                    let labels = vec![("route", route.clone()), ("method", method.to_owned())];
+                    (labels, metrics.duration.value())
+                })
+                .collect(),
+        );
+        out.gauge(
+            "http_requests_in_flight",
+            "HTTP requests being answered now.",
+            self.in_flight.load(Ordering::Relaxed).max(0),
         );
     }
 }
 
-/// The content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Appends the ingest metrics from an [`IngestStats`](conveyor_core::stats::IngestStats), and
-/// the ingest histograms when this process runs an ingest.
-pub fn render_ingest(out: &mut String, stats: &conveyor_core::stats::IngestStats) {
-    render_value(
-        out,
+/// Adds the ingest metrics from an [`IngestStats`](conveyor_core::stats::IngestStats) (the
+/// ingest's own histograms are `conveyor_ingest::metrics`).
+pub fn render_ingest(out: &mut Exposition, stats: &conveyor_core::stats::IngestStats) {
+    out.counter(
         "conveyor_events_accepted_total",
-        "counter",
         "Events the queue confirmed (answered 202 / OK).",
         stats.accepted,
     );
-    let _ = writeln!(
-        out,
-        "# HELP conveyor_events_rejected_total Events refused, by reason.\n# TYPE conveyor_events_rejected_total counter\n\
-         conveyor_events_rejected_total{{reason=\"invalid\"}} {}\n\
-         conveyor_events_rejected_total{{reason=\"queue_full\"}} {}\n\
-         conveyor_events_rejected_total{{reason=\"unavailable\"}} {}",
-        stats.rejected_invalid, stats.rejected_full, stats.rejected_unavailable
+    out.counters(
+        "conveyor_events_rejected_total",
+        "Events refused, by reason.",
+        [
+            ("invalid", stats.rejected_invalid),
+            ("queue_full", stats.rejected_full),
+            ("unavailable", stats.rejected_unavailable),
+        ]
+        .into_iter()
+        .map(|(reason, n)| (vec![("reason", reason.to_owned())], n))
+        .collect(),
     );
-    crate::recorded::render_ingest(out);
 }
 
 /// One unlabelled family read off a stats snapshot.
@@ -322,90 +331,311 @@ const POOL_FAMILIES: &[Family<PoolStats>] = &[
     },
 ];
 
-fn render_families<T>(out: &mut String, families: &[Family<T>], stats: &T) {
+fn render_families<T>(out: &mut Exposition, families: &[Family<T>], stats: &T) {
     for f in families {
-        render_value(out, f.name, f.kind, f.help, (f.value)(stats));
+        let value = (f.value)(stats);
+        if f.kind == "counter" {
+            out.counter(f.name, f.help, value);
+        } else {
+            out.gauge(f.name, f.help, i64::try_from(value).unwrap_or(i64::MAX));
+        }
     }
 }
 
-/// Appends the processor and queue metrics from a
+/// Adds the processor and queue metrics from a
 /// [`ProcessorStats`](conveyor_core::stats::ProcessorStats), including the seed's
-/// `queue_size`, `worker_pool_active` and `messages_processed_total`, and the processor
-/// histograms when this process runs a worker pool.
-pub fn render_processor(out: &mut String, stats: &conveyor_core::stats::ProcessorStats) {
+/// `queue_size`, `worker_pool_active` and `messages_processed_total` (the pool's own
+/// histograms are `conveyor_processor::metrics`).
+pub fn render_processor(out: &mut Exposition, stats: &conveyor_core::stats::ProcessorStats) {
     let q = &stats.queue;
     let backend = if q.backend.is_empty() {
         "none"
     } else {
         &q.backend
     };
-    let _ = writeln!(
-        out,
-        "# HELP conveyor_queue_info The queue backend in use (value 1).\n# TYPE conveyor_queue_info gauge\n\
-         conveyor_queue_info{{backend=\"{}\",durable=\"{}\"}} 1",
-        escape(backend),
-        q.durable
+    out.gauges(
+        "conveyor_queue_info",
+        "The queue backend in use (value 1).",
+        vec![(
+            vec![
+                ("backend", backend.to_owned()),
+                ("durable", q.durable.to_string()),
+            ],
+            1,
+        )],
     );
     render_families(out, QUEUE_FAMILIES, q);
     crate::queue_metrics::render_queue_detail(out, q);
     render_families(out, POOL_FAMILIES, &stats.pool);
-    render_value(
-        out,
+    out.gauge(
         "conveyor_dlq_size",
-        "gauge",
         "Events in the dead-letter queue.",
-        stats.dlq_size,
+        i64::try_from(stats.dlq_size).unwrap_or(i64::MAX),
     );
-    crate::recorded::render_processor(out);
 }
 
-/// Appends the seed's `system_health_status` (1 healthy, 0 not).
-pub fn render_health(out: &mut String, healthy: bool) {
-    render_value(
-        out,
+/// Adds the seed's `system_health_status` (1 healthy, 0 not).
+pub fn render_health(out: &mut Exposition, healthy: bool) {
+    out.gauge(
         "system_health_status",
-        "gauge",
         "1 when this service and what it depends on are healthy, else 0.",
-        u64::from(healthy),
+        i64::from(healthy),
     );
 }
 
-/// Appends `conveyor_instance_healthy{role,instance}`: the gateway's view of each instance it
+/// Adds `conveyor_instance_healthy{role,instance}`: the gateway's view of each instance it
 /// reports on (`instance` is the configured URL, so the label set is bounded by configuration).
 pub fn render_instances<'a>(
-    out: &mut String,
+    out: &mut Exposition,
     instances: impl IntoIterator<Item = (&'a str, &'a str, bool)>,
 ) {
-    out.push_str(
-        "# HELP conveyor_instance_healthy 1 when the instance answered its stats and reported healthy, else 0.\n\
-         # TYPE conveyor_instance_healthy gauge\n",
+    out.gauges(
+        "conveyor_instance_healthy",
+        "1 when the instance answered its stats and reported healthy, else 0.",
+        instances
+            .into_iter()
+            .map(|(role, url, healthy)| {
+                (
+                    vec![("role", role.to_owned()), ("instance", url.to_owned())],
+                    i64::from(healthy),
+                )
+            })
+            .collect(),
     );
-    for (role, url, healthy) in instances {
-        let _ = writeln!(
-            out,
-            "conveyor_instance_healthy{{role=\"{}\",instance=\"{}\"}} {}",
-            escape(role),
-            escape(url),
-            u64::from(healthy)
-        );
+}
+
+/// Families every service has: build info, readiness, events by door, error answers, and the
+/// process's resource use (`process`, read beforehand off the async runtime).
+pub fn render_common(
+    out: &mut Exposition,
+    ready: bool,
+    process: Option<&crate::process::ProcessStats>,
+) {
+    out.gauges(
+        "conveyor_build_info",
+        "The conveyor version (value 1).",
+        vec![(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1)],
+    );
+    out.gauge(
+        "conveyor_ready",
+        "1 while the service takes new work (0 once shutdown began).",
+        i64::from(ready),
+    );
+    crate::recorded::render_edges(out);
+    if let Some(process) = process {
+        crate::process::render(out, process);
     }
 }
 
-/// Families every service has: build info, readiness, events by door, error answers, process.
-pub fn render_common(out: &mut String, ready: bool) {
-    let _ = writeln!(
-        out,
-        "# HELP conveyor_build_info The conveyor version (value 1).\n# TYPE conveyor_build_info gauge\n\
-         conveyor_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    render_value(
-        out,
-        "conveyor_ready",
-        "gauge",
-        "1 while the service takes new work (0 once shutdown began).",
-        u64::from(ready),
-    );
-    crate::recorded::render_edges(out);
-    crate::process::render(out);
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use conveyor_core::stats::{
+        BackendStats, GroupMemberStats, IngestStats, PartitionStats, ProcessorStats, QueueStats,
+    };
+
+    use super::*;
+    use crate::exposition::Format;
+
+    /// Every family this crate renders with its type and label names, as the hand-written
+    /// renderer wrote them before the move to prometheus-client: one that disappears or changes
+    /// fails here. (The ingest's and the pool's own families are checked in their crates'
+    /// `metrics.rs`, against the same list from before.)
+    const FAMILIES: &[(&str, &str, &[&str])] = &[
+        (
+            "http_requests_total",
+            "counter",
+            &["route", "method", "status"],
+        ),
+        (
+            "http_request_duration_seconds",
+            "histogram",
+            &["route", "method"],
+        ),
+        ("http_requests_in_flight", "gauge", &[]),
+        ("conveyor_build_info", "gauge", &["version"]),
+        ("conveyor_ready", "gauge", &[]),
+        ("conveyor_events_received_total", "counter", &["door"]),
+        ("conveyor_error_answers_total", "counter", &["code"]),
+        ("conveyor_trace_spans_exported_total", "counter", &[]),
+        ("conveyor_trace_spans_dropped_total", "counter", &[]),
+        ("conveyor_trace_spans_export_failed_total", "counter", &[]),
+        ("process_cpu_seconds_total", "counter", &[]),
+        ("process_resident_memory_bytes", "gauge", &[]),
+        ("process_virtual_memory_bytes", "gauge", &[]),
+        ("process_threads", "gauge", &[]),
+        ("process_start_time_seconds", "gauge", &[]),
+        ("process_open_fds", "gauge", &[]),
+        ("process_max_fds", "gauge", &[]),
+        ("conveyor_events_accepted_total", "counter", &[]),
+        ("conveyor_events_rejected_total", "counter", &["reason"]),
+        ("conveyor_queue_info", "gauge", &["backend", "durable"]),
+        ("queue_size", "gauge", &[]),
+        ("conveyor_queue_capacity", "gauge", &[]),
+        ("conveyor_queue_in_flight", "gauge", &[]),
+        ("conveyor_queue_consumer_lag", "gauge", &[]),
+        ("conveyor_queue_published_total", "counter", &[]),
+        ("conveyor_queue_acked_total", "counter", &[]),
+        ("conveyor_queue_nacked_total", "counter", &[]),
+        ("conveyor_queue_terminated_total", "counter", &[]),
+        ("conveyor_queue_redelivered_total", "counter", &[]),
+        ("conveyor_queue_duplicates_total", "counter", &[]),
+        ("conveyor_kafka_consumer_lag", "gauge", &["partition"]),
+        (
+            "conveyor_kafka_partition_in_flight",
+            "gauge",
+            &["partition"],
+        ),
+        ("conveyor_kafka_high_watermark", "gauge", &["partition"]),
+        ("conveyor_kafka_group_stalls_total", "counter", &[]),
+        ("conveyor_kafka_group_stalled", "gauge", &[]),
+        ("conveyor_kafka_assigned_partitions", "gauge", &[]),
+        (
+            "conveyor_composite_publishes_total",
+            "counter",
+            &["backend", "role"],
+        ),
+        (
+            "conveyor_composite_failures_total",
+            "counter",
+            &["backend", "role"],
+        ),
+        (
+            "conveyor_composite_divergence",
+            "gauge",
+            &["backend", "role"],
+        ),
+        (
+            "conveyor_composite_backend_healthy",
+            "gauge",
+            &["backend", "role"],
+        ),
+        ("worker_pool_active", "gauge", &[]),
+        ("conveyor_worker_pool_size", "gauge", &[]),
+        ("messages_processed_total", "counter", &[]),
+        ("conveyor_processing_errors_total", "counter", &[]),
+        ("conveyor_retries_total", "counter", &[]),
+        ("conveyor_dead_lettered_total", "counter", &[]),
+        ("conveyor_duplicates_skipped_total", "counter", &[]),
+        ("conveyor_deliveries_deferred_total", "counter", &[]),
+        ("conveyor_dlq_size", "gauge", &[]),
+        ("system_health_status", "gauge", &[]),
+        ("conveyor_instance_healthy", "gauge", &["role", "instance"]),
+    ];
+
+    /// Everything a `run` process with a Kafka-primary composite queue could show.
+    fn everything() -> Exposition {
+        let http = HttpMetrics::default();
+        let route = http.route("/api/v1/ingest");
+        let entry = route.methods[1].get_or_init(|| {
+            Box::new(MethodMetrics {
+                by_status: [const { AtomicU64::new(0) }; STATUSES],
+                duration: Histogram::new(REQUEST_MICROS, 1e6),
+            })
+        });
+        entry.by_status[102].fetch_add(1, Ordering::Relaxed);
+        entry.duration.record_traced(300, Some([9; 16]));
+        let stats = ProcessorStats {
+            queue: QueueStats {
+                backend: "composite".into(),
+                partitions: vec![PartitionStats::default()],
+                backends: vec![BackendStats {
+                    name: "kafka".into(),
+                    primary: true,
+                    ..BackendStats::default()
+                }],
+                group: Some(GroupMemberStats::default()),
+                ..QueueStats::default()
+            },
+            ..ProcessorStats::default()
+        };
+        let mut out = Exposition::new();
+        http.render(&mut out);
+        render_common(&mut out, true, crate::process::read().as_ref());
+        render_ingest(&mut out, &IngestStats::default());
+        render_processor(&mut out, &stats);
+        render_health(&mut out, true);
+        render_instances(&mut out, [("ingest", "local", true)]);
+        out
+    }
+
+    /// `(family, type, label names)` of an encoded scrape; counters under their `_total` name.
+    pub(crate) fn families(text: &str) -> BTreeSet<(String, String, Vec<String>)> {
+        let mut types = std::collections::BTreeMap::new();
+        let mut labels: std::collections::BTreeMap<String, BTreeSet<Vec<String>>> =
+            std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE line");
+                let name = match (kind, name.ends_with("_total")) {
+                    ("counter", false) => format!("{name}_total"),
+                    _ => name.to_owned(),
+                };
+                types.insert(name, kind.to_owned());
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let series = line.split(' ').next().expect("sample");
+                let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+                let family = types
+                    .keys()
+                    .filter(|f| name.starts_with(f.as_str()))
+                    .max_by_key(|f| f.len())
+                    .unwrap_or_else(|| panic!("sample {line:?} outside a family"))
+                    .clone();
+                let names = rest
+                    .trim_end_matches('}')
+                    .split(',')
+                    .filter_map(|pair| Some(pair.split_once('=')?.0.to_owned()))
+                    .filter(|key| key != "le")
+                    .collect();
+                labels.entry(family).or_default().insert(names);
+            }
+        }
+        types
+            .into_iter()
+            .map(|(name, kind)| {
+                let mut sets = labels.remove(&name).unwrap_or_default().into_iter();
+                let first = sets.next().unwrap_or_default();
+                assert!(sets.next().is_none(), "{name}: one label set per family");
+                (name, kind, first)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_family_keeps_its_name_type_and_labels_in_both_formats() {
+        let mut before: BTreeSet<(String, String, Vec<String>)> = FAMILIES
+            .iter()
+            .map(|(name, kind, labels)| {
+                let mut labels: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+                labels.sort();
+                ((*name).to_owned(), (*kind).to_owned(), labels)
+            })
+            .collect();
+        before = before.into_iter().collect();
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let text = everything().encode(format);
+            let after: BTreeSet<_> = families(&text)
+                .into_iter()
+                .map(|(name, kind, mut labels)| {
+                    labels.sort();
+                    (name, kind, labels)
+                })
+                .collect();
+            assert_eq!(before, after, "{format:?}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_request_duration_carries_the_callers_trace_in_openmetrics_only() {
+        let hex = "09".repeat(16);
+        let open = everything().encode(Format::OpenMetrics);
+        assert!(
+            open.lines()
+                .any(|l| l.starts_with("http_request_duration_seconds_bucket{")
+                    && l.contains(&format!("# {{trace_id=\"{hex}\"}} 0.0003 "))),
+            "{open}"
+        );
+        assert!(!everything().encode(Format::Prometheus).contains(&hex));
+    }
 }

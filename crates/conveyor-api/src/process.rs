@@ -1,10 +1,9 @@
-//! The process's own resource use, read from `/proc/self` at scrape time (Linux; elsewhere the
-//! families are left out): the standard `process_*` names the Prometheus client libraries use.
+//! The process's own resource use, read from `/proc/self` by the `procfs` crate at scrape time
+//! (Linux; elsewhere the families are left out): the standard `process_*` names the Prometheus
+//! client libraries use (prometheus-client has no process collector).
+//! [`read`] does blocking file I/O: `/metrics` calls it on the blocking pool.
 
-use std::fmt::Write as _;
-
-/// Kernel clock ticks per second for `/proc` times (USER_HZ, 100 on every Linux ABI).
-const TICKS_PER_SEC: f64 = 100.0;
+use crate::exposition::Exposition;
 
 /// What `/proc/self` says about this process.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -18,109 +17,75 @@ pub struct ProcessStats {
     pub max_fds: Option<u64>,
 }
 
-/// Reads `/proc/self`; `None` where there is no procfs.
+/// Reads `/proc/self` (with the `procfs` crate); `None` where there is no procfs.
+#[cfg(target_os = "linux")]
 pub fn read() -> Option<ProcessStats> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let mut stats = parse_stat(&stat)?;
-    stats.resident_bytes = status_kib(&status, "VmRSS:").unwrap_or(0) * 1024;
-    stats.virtual_bytes = status_kib(&status, "VmSize:").unwrap_or(0) * 1024;
-    if let Some(boot) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
-    }) {
-        stats.start_time_seconds += boot;
-    }
-    stats.open_fds = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count() as u64)
-        .unwrap_or(0);
-    stats.max_fds = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|line| line.starts_with("Max open files"))
-                .and_then(|line| line.split_whitespace().nth(3)?.parse().ok())
-        });
-    Some(stats)
-}
-
-/// Fields of `/proc/self/stat` after the `(comm)`, which may itself hold spaces.
-fn parse_stat(stat: &str) -> Option<ProcessStats> {
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): field N is fields[N - 3].
-    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    let ticks = field(14)? + field(15)?;
+    use procfs::process::{LimitValue, Process};
+    let me = Process::myself().ok()?;
+    let stat = me.stat().ok()?;
+    let ticks = procfs::ticks_per_second() as f64;
+    let boot = procfs::boot_time_secs().unwrap_or(0) as f64;
     Some(ProcessStats {
-        cpu_seconds: ticks as f64 / TICKS_PER_SEC,
-        threads: field(20)?,
-        // Seconds since boot here; `read` adds the boot time.
-        start_time_seconds: field(22)? as f64 / TICKS_PER_SEC,
-        ..ProcessStats::default()
+        cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
+        resident_bytes: stat.rss * procfs::page_size(),
+        virtual_bytes: stat.vsize,
+        threads: u64::try_from(stat.num_threads).unwrap_or(0),
+        start_time_seconds: boot + stat.starttime as f64 / ticks,
+        open_fds: me.fd_count().map_or(0, |n| n as u64),
+        max_fds: me
+            .limits()
+            .ok()
+            .and_then(|l| match l.max_open_files.soft_limit {
+                LimitValue::Value(n) => Some(n),
+                LimitValue::Unlimited => None,
+            }),
     })
 }
 
-fn status_kib(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// Elsewhere there is no `/proc`: the `process_*` families are left out.
+#[cfg(not(target_os = "linux"))]
+pub fn read() -> Option<ProcessStats> {
+    None
 }
 
-/// Appends the `process_*` families.
-pub fn render(out: &mut String) {
-    let Some(p) = read() else { return };
-    let mut family = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    family(
+/// Adds the `process_*` families.
+pub fn render(out: &mut Exposition, p: &ProcessStats) {
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    out.counter_f64(
         "process_cpu_seconds_total",
-        "counter",
         "User and system CPU time spent, in seconds.",
-        p.cpu_seconds.to_string(),
+        p.cpu_seconds,
     );
-    family(
+    out.gauge(
         "process_resident_memory_bytes",
-        "gauge",
         "Resident memory size in bytes.",
-        p.resident_bytes.to_string(),
+        gauge(p.resident_bytes),
     );
-    family(
+    out.gauge(
         "process_virtual_memory_bytes",
-        "gauge",
         "Virtual memory size in bytes.",
-        p.virtual_bytes.to_string(),
+        gauge(p.virtual_bytes),
     );
-    family(
+    out.gauge(
         "process_threads",
-        "gauge",
         "OS threads in the process.",
-        p.threads.to_string(),
+        gauge(p.threads),
     );
-    family(
+    out.gauge_f64(
         "process_start_time_seconds",
-        "gauge",
         "Start time of the process since the Unix epoch, in seconds.",
-        p.start_time_seconds.to_string(),
+        p.start_time_seconds,
     );
-    family(
+    out.gauge(
         "process_open_fds",
-        "gauge",
         "Open file descriptors.",
-        p.open_fds.to_string(),
+        gauge(p.open_fds),
     );
     if let Some(max) = p.max_fds {
-        family(
+        out.gauge(
             "process_max_fds",
-            "gauge",
             "Most open file descriptors allowed.",
-            max.to_string(),
+            gauge(max),
         );
     }
 }
@@ -130,19 +95,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stat_fields_are_read_after_a_command_name_with_spaces() {
-        let stat = "4242 (my (odd) proc) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 12345 1000000 500 18446744073709551615";
-        let p = parse_stat(stat).expect("parses");
-        assert_eq!(p.cpu_seconds, 3.0);
-        assert_eq!(p.threads, 7);
-        assert_eq!(p.start_time_seconds, 123.45);
-    }
-
-    #[test]
-    fn this_process_has_memory_and_threads() {
+    fn this_process_has_memory_threads_and_a_start_time() {
         let p = read().expect("/proc/self is readable on Linux");
         assert!(p.resident_bytes > 1024 * 1024, "{p:?}");
+        assert!(p.virtual_bytes >= p.resident_bytes, "{p:?}");
         assert!(p.threads >= 1 && p.open_fds >= 3, "{p:?}");
         assert!(p.start_time_seconds > 1.6e9, "{p:?}");
+        assert!(p.max_fds.is_some_and(|m| m >= p.open_fds), "{p:?}");
     }
 }

@@ -4,9 +4,9 @@
 //! or backends renders nothing here. Labels are bounded: partition ids of one topic,
 //! backend names from `COMPOSITE_PROVIDERS`.
 
-use std::fmt::Write;
-
 use conveyor_core::stats::{BackendStats, PartitionStats, QueueStats};
+
+use crate::exposition::{Exposition, Labels};
 
 /// One metric family with a sample per item (a partition, a backend): name, type, help, and
 /// each item's value; the labels come from the caller.
@@ -18,24 +18,28 @@ struct LabelledFamily<T> {
 }
 
 fn render_families<T>(
-    out: &mut String,
+    out: &mut Exposition,
     families: &[LabelledFamily<T>],
     items: &[T],
-    labels: impl Fn(&T) -> String,
+    labels: impl Fn(&T) -> Labels,
 ) {
     for family in families {
-        let LabelledFamily {
-            name, kind, help, ..
-        } = family;
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for item in items {
-            let _ = writeln!(out, "{name}{{{}}} {}", labels(item), (family.value)(item));
+        let series = items
+            .iter()
+            .map(|item| (labels(item), (family.value)(item)));
+        if family.kind == "counter" {
+            let series = series
+                .map(|(l, v)| (l, u64::try_from(v).unwrap_or(0)))
+                .collect();
+            out.counters(family.name, family.help, series);
+        } else {
+            out.gauges(family.name, family.help, series.collect());
         }
     }
 }
 
 /// Appends the partition and backend families of `stats` (nothing for other queues).
-pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
+pub fn render_queue_detail(out: &mut Exposition, stats: &QueueStats) {
     if !stats.partitions.is_empty() {
         let families: [LabelledFamily<PartitionStats>; 3] = [
             LabelledFamily {
@@ -58,7 +62,7 @@ pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
             },
         ];
         render_families(out, &families, &stats.partitions, |p| {
-            format!("partition=\"{}\"", p.partition)
+            vec![("partition", p.partition.to_string())]
         });
     }
     if let Some(group) = &stats.group {
@@ -84,10 +88,11 @@ pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
             ),
         ];
         for (name, kind, help, value) in samples {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            if kind == "counter" {
+                out.counter(name, help, u64::try_from(value).unwrap_or(0));
+            } else {
+                out.gauge(name, help, value);
+            }
         }
     }
     if !stats.backends.is_empty() {
@@ -119,7 +124,7 @@ pub fn render_queue_detail(out: &mut String, stats: &QueueStats) {
         ];
         render_families(out, &families, &stats.backends, |b| {
             let role = if b.primary { "primary" } else { "secondary" };
-            format!("backend=\"{}\",role=\"{role}\"", b.name)
+            vec![("backend", b.name.clone()), ("role", role.to_owned())]
         });
     }
 }
@@ -129,6 +134,7 @@ mod tests {
     use conveyor_core::stats::{BackendStats, GroupMemberStats, PartitionStats, QueueStats};
 
     use super::render_queue_detail;
+    use crate::exposition::{Exposition, Format};
 
     #[test]
     fn kafka_and_composite_families_render_one_sample_per_label() {
@@ -175,8 +181,9 @@ mod tests {
             }),
             ..QueueStats::default()
         };
-        let mut out = String::new();
-        render_queue_detail(&mut out, &stats);
+        let mut exposition = Exposition::new();
+        render_queue_detail(&mut exposition, &stats);
+        let out = exposition.encode(Format::Prometheus);
         for sample in [
             "conveyor_kafka_group_stalls_total 2\n",
             "conveyor_kafka_group_stalled 1\n",
@@ -200,8 +207,8 @@ mod tests {
             ),
             "{out}"
         );
-        let mut plain = String::new();
+        let mut plain = Exposition::new();
         render_queue_detail(&mut plain, &QueueStats::default());
-        assert!(plain.is_empty(), "other queues render nothing here");
+        assert!(plain.names().is_empty(), "other queues render nothing here");
     }
 }

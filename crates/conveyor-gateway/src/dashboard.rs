@@ -9,7 +9,6 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use conveyor_api::histogram::Snapshot;
-use conveyor_api::recorded;
 use serde::Serialize;
 
 use crate::Gateway;
@@ -67,6 +66,6 @@ async fn data(State(gateway): State<Gateway>) -> axum::Json<DashboardData> {
         now_ms: conveyor_core::now_ms(),
         status,
         request_latency: gateway.metrics.durations(INGEST_ROUTES),
-        end_to_end_latency: recorded::end_to_end_here(),
+        end_to_end_latency: conveyor_processor::metrics::end_to_end_here(),
     })
 }

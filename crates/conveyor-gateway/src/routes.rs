@@ -7,6 +7,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use conveyor_api::body::read_replay_request;
+use conveyor_api::exposition::Exposition;
 use conveyor_api::metrics;
 use conveyor_api::{HttpError, service_router};
 use conveyor_core::ApiError;
@@ -57,9 +58,9 @@ async fn system_status(State(gateway): State<Gateway>) -> axum::Json<status::Sys
 }
 
 /// The system-wide figures, from the same aggregation as `/api/v1/status`.
-async fn render_metrics(gateway: Gateway) -> String {
+async fn render_metrics(gateway: Gateway) -> Exposition {
     let status = gateway.status().await;
-    let mut out = String::with_capacity(4096);
+    let mut out = Exposition::new();
     metrics::render_ingest(&mut out, &status.ingest.stats);
     metrics::render_processor(&mut out, &status.processor.stats);
     metrics::render_health(&mut out, status.status == "ok");

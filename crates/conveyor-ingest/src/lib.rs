@@ -13,6 +13,7 @@ pub mod coalesce;
 pub mod forward;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod remote;
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use conveyor_api::{ReadyProbe, recorded, trace};
+use conveyor_api::{ReadyProbe, trace};
 use conveyor_core::stats::IngestStats;
 use conveyor_core::{
     ApiError, BatchContext, ErrorCode, Event, EventDraft, Limits, TRACEPARENT, validate_in,
@@ -113,7 +114,7 @@ impl IngestCounters {
 
 impl Ingest {
     pub fn new(publisher: Arc<dyn Publisher>, limits: Limits) -> Self {
-        conveyor_api::recorded::mark_ingest();
+        metrics::register();
         Ingest {
             publisher,
             limits,
@@ -133,7 +134,7 @@ impl Intake for Ingest {
         let mut valid = Vec::with_capacity(drafts.len());
         // Positions in `results` that wait for the queue's answer, in publish order.
         let mut pending = Vec::with_capacity(drafts.len());
-        let mut payload_sizes = recorded::PAYLOAD_SIZE.local();
+        let mut payload_sizes = metrics::PAYLOAD_SIZE.local();
         let mut batch = BatchContext::default();
         for draft in drafts {
             match validate_in(draft, &self.limits, &mut batch) {
@@ -148,11 +149,11 @@ impl Intake for Ingest {
         }
         drop(payload_sizes);
         if !valid.is_empty() {
-            recorded::PUBLISH_BATCH_EVENTS.record(valid.len() as u64);
+            metrics::PUBLISH_BATCH_EVENTS.record(valid.len() as u64);
             let mut spans = trace::enabled().then(|| PublishSpans::start(&mut valid));
             let started = std::time::Instant::now();
             let confirms = self.publisher.publish(valid).await;
-            recorded::PUBLISH_DURATION.record_duration(started.elapsed());
+            metrics::PUBLISH_DURATION.record_duration(started.elapsed());
             for (index, (slot, confirm)) in pending.into_iter().zip(confirms).enumerate() {
                 if let Err(error) = confirm {
                     if let Some(spans) = spans.as_mut() {

@@ -10,6 +10,7 @@
 //! already written from being written twice.
 
 pub mod http;
+pub mod metrics;
 pub mod pipeline;
 pub mod pool;
 pub mod seen;

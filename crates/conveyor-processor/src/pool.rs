@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use conveyor_api::{recorded, trace};
+use conveyor_api::trace;
+
+use crate::metrics;
 
 use conveyor_core::stats::{PoolStats, ProcessorStats, ReplayReport};
 use conveyor_core::{Event, REPLAY_HEADER, now_ms};
@@ -98,7 +100,7 @@ impl WorkerPool {
         dlq: Arc<dyn DeadLetterQueue>,
         config: WorkerPoolConfig,
     ) -> Arc<Self> {
-        recorded::mark_processor();
+        crate::metrics::register();
         Arc::new(WorkerPool {
             seen: Mutex::new(SeenIds::new(config.dedupe_window)),
             queue,
@@ -268,13 +270,13 @@ impl WorkerPool {
             match batch {
                 Ok(batch) if batch.is_empty() => {}
                 Ok(batch) => {
-                    recorded::FETCH_BATCH_EVENTS.record(batch.len() as u64);
+                    metrics::FETCH_BATCH_EVENTS.record(batch.len() as u64);
                     let started = Instant::now();
                     self.counters.active.fetch_add(1, Ordering::Relaxed);
                     self.process(batch).await;
                     self.counters.active.fetch_sub(1, Ordering::Relaxed);
                     let busy = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    recorded::WORKER_BUSY_MICROS.fetch_add(busy, Ordering::Relaxed);
+                    metrics::WORKER_BUSY_MICROS.fetch_add(busy, Ordering::Relaxed);
                 }
                 Err(error) => {
                     // A broken consumer (e.g. the broker restarted under it) is replaced, not
@@ -397,7 +399,7 @@ impl WorkerPool {
                 self.sink.write(&passed, now_ms()),
             )
             .await;
-            recorded::SINK_WRITE_DURATION.record_duration(started.elapsed());
+            metrics::SINK_WRITE_DURATION.record_duration(started.elapsed());
             if let Some(start_ns) = trace_start {
                 let error = written.as_ref().err().map(|error| error.to_string());
                 record_spans(
@@ -420,7 +422,7 @@ impl WorkerPool {
                     settle_all(passed_handles, Settlement::Ack).await;
                 }
                 Err(error) => {
-                    recorded::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
+                    metrics::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, events = passed.len(), "sink write failed");
                     let message = error.to_string();
                     failed.extend(
@@ -557,16 +559,23 @@ async fn while_keeping_alive<F: std::future::Future>(
 
 /// Batch size and end-to-end latency (acceptance timestamp to now) of a confirmed sink write.
 fn record_written(events: &[Event]) {
-    recorded::SINK_BATCH_EVENTS.record(events.len() as u64);
+    metrics::SINK_BATCH_EVENTS.record(events.len() as u64);
     let written_ms = now_ms();
-    let mut latency = recorded::END_TO_END.local();
+    let mut latency = metrics::END_TO_END.local();
     for event in events {
         // A client-supplied timestamp in the future counts as zero.
-        latency.record(
-            written_ms
-                .saturating_sub(event.timestamp_ms)
-                .saturating_mul(1000),
-        );
+        let micros = written_ms
+            .saturating_sub(event.timestamp_ms)
+            .saturating_mul(1000);
+        // The bucket's exemplar: the event's trace, read only while the bucket has none yet in
+        // this batch and only from an event that carries headers.
+        latency.record_traced(micros, || {
+            if event.headers.is_empty() {
+                None
+            } else {
+                trace::event_context(event).map(|c| c.trace_id)
+            }
+        });
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use conveyor_api::exposition::Exposition;
 use conveyor_api::metrics::{self, HttpMetrics};
 use conveyor_api::{Readiness, ReadyProbe, bind, serve, service_router};
 use conveyor_core::Limits;
@@ -258,7 +259,7 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
 trait RoleView: Send + Sync + 'static {
     fn health(&self) -> impl std::future::Future<Output = Health> + Send;
     /// Appends the role's own metric families.
-    fn render(&self, out: &mut String) -> impl std::future::Future<Output = ()> + Send;
+    fn render(&self, out: &mut Exposition) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// An ingest instance, and the broker queue it publishes to (none for the memory queue,
@@ -273,7 +274,7 @@ impl RoleView for IngestRole {
         Intake::health(self.ingest.as_ref())
     }
 
-    async fn render(&self, out: &mut String) {
+    async fn render(&self, out: &mut Exposition) {
         metrics::render_ingest(out, &self.ingest.stats());
         // Composite dual-write is counted where the publishing happens: here.
         if let Some(queue) = &self.queue {
@@ -287,7 +288,7 @@ impl RoleView for WorkerPool {
         WorkerPool::health(self)
     }
 
-    async fn render(&self, out: &mut String) {
+    async fn render(&self, out: &mut Exposition) {
         let stats = self.stats().await;
         metrics::render_processor(out, &stats);
     }
@@ -308,7 +309,7 @@ fn role_router<V: RoleView>(routes: Router, readiness: Readiness, view: Arc<V>) 
         move || {
             let view = Arc::clone(&view);
             async move {
-                let mut out = String::new();
+                let mut out = Exposition::new();
                 view.render(&mut out).await;
                 metrics::render_health(&mut out, view.health().await == Health::Healthy);
                 out

@@ -1,6 +1,8 @@
 //! Observability as an operator meets it: every service's `/metrics` holds the documented
 //! families, they move when events flow, and Prometheus' own `promtool` accepts the output.
 //!
+//! - `openmetrics.rs`: `/metrics` as OpenMetrics (content negotiation, exemplars with the trace
+//!   id of a traced request and its event), the same families as the Prometheus text.
 //! - `metrics.rs`: every service's `/metrics`: the documented families, moving with traffic, and
 //!   `promtool check metrics`.
 //! - `deploy.rs`: `deploy/`: the Prometheus config and alert rules, and the dashboards' queries
@@ -22,5 +24,6 @@ mod dashboard;
 mod deploy;
 mod logs;
 mod metrics;
+mod openmetrics;
 mod profiling;
 mod status;
