@@ -12,7 +12,6 @@
 //! The decision travels in the context's `sampled` flag; the hops after it record a span only
 //! for a sampled parent, which costs no sampler call per event.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -135,33 +134,6 @@ pub fn take() -> Vec<SpanRecord> {
             std::mem::take(&mut *recorder.spans.lock().unwrap_or_else(|p| p.into_inner()))
         }
         None => Vec::new(),
-    }
-}
-
-/// The exporter's counters (zero while no OTLP endpoint is configured).
-pub fn render(out: &mut String) {
-    for (name, help, counter) in [
-        (
-            "conveyor_trace_spans_exported_total",
-            "Trace spans the OTLP collector accepted.",
-            &SPANS_EXPORTED,
-        ),
-        (
-            "conveyor_trace_spans_dropped_total",
-            "Trace spans dropped because the export buffer was full.",
-            &SPANS_DROPPED,
-        ),
-        (
-            "conveyor_trace_spans_export_failed_total",
-            "Trace spans lost because an OTLP export request failed.",
-            &SPANS_EXPORT_FAILED,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            counter.load(Ordering::Relaxed)
-        );
     }
 }
 
