@@ -46,8 +46,8 @@ impl Command {
         }
     }
 
-    /// The serving role's name and its OTLP endpoint, if one was given.
-    pub fn otlp(&self) -> Option<(&'static str, &str)> {
+    /// A serving role's name and the OTLP endpoint its flag gives (`None` for the tools).
+    pub fn otlp(&self) -> Option<(&'static str, Option<&str>)> {
         let (role, serve) = match self {
             Command::Run(args) => ("run", &args.serve),
             Command::Gateway(args) => ("gateway", &args.serve),
@@ -55,8 +55,12 @@ impl Command {
             Command::Processor(args) => ("processor", &args.serve),
             _ => return None,
         };
-        let endpoint = serve.otlp_endpoint.as_deref()?.trim();
-        (!endpoint.is_empty()).then_some((role, endpoint))
+        let endpoint = serve
+            .otlp_endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty());
+        Some((role, endpoint))
     }
 }
 

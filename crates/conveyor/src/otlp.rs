@@ -66,11 +66,7 @@ pub struct Target {
 /// `{endpoint}/v1/traces`, as the OTLP exporter spec builds it from the base endpoint.
 pub fn traces_url(endpoint: &str) -> Result<reqwest::Url, String> {
     let base = endpoint.trim().trim_end_matches('/');
-    let url = reqwest::Url::parse(&format!("{base}/v1/traces")).map_err(|e| e.to_string())?;
-    match url.scheme() {
-        "http" | "https" => Ok(url),
-        other => Err(format!("unsupported scheme {other:?} (http or https)")),
-    }
+    http_url(&format!("{base}/v1/traces")).map_err(|e| format!("{endpoint:?} → {e}"))
 }
 
 /// The wire a protocol name selects.
@@ -84,25 +80,38 @@ pub fn wire(protocol: Option<&str>) -> Result<Wire, String> {
     }
 }
 
-/// The export target of `endpoint` under the protocol the environment names.
-pub fn target(endpoint: &str) -> Result<Target, String> {
+/// Where spans go, if anywhere: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the spec's
+/// signal-specific URL, used as it is) or else the base `endpoint` of `--otlp-endpoint` /
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` appended over HTTP), under the protocol the
+/// environment names. `None`: no endpoint, no export. The error names the variable.
+pub fn target(endpoint: Option<&str>) -> Result<Option<Target>, String> {
     let protocol =
         env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
     let wire = wire(protocol.as_deref())?;
-    let url = match wire {
-        Wire::HttpProtobuf => traces_url(endpoint)?,
-        Wire::Grpc => {
-            let url = reqwest::Url::parse(endpoint.trim()).map_err(|e| e.to_string())?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(format!(
-                    "unsupported scheme {:?} (http or https)",
-                    url.scheme()
-                ));
-            }
-            url
-        }
+    let (url, named) = if let Some(traces) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        (http_url(&traces), "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    } else if let Some(endpoint) = endpoint {
+        let url = match wire {
+            Wire::HttpProtobuf => traces_url(endpoint),
+            Wire::Grpc => http_url(endpoint),
+        };
+        (url, "OTEL_EXPORTER_OTLP_ENDPOINT (--otlp-endpoint)")
+    } else {
+        return Ok(None);
     };
-    Ok(Target { wire, url })
+    let url = url.map_err(|e| format!("{named}: {e}"))?;
+    Ok(Some(Target { wire, url }))
+}
+
+/// An http(s) URL taken as it is.
+fn http_url(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text.trim()).map_err(|e| format!("{text:?}: {e}"))?;
+    match url.scheme() {
+        "http" | "https" => Ok(url),
+        other => Err(format!(
+            "{text:?}: unsupported scheme {other:?} (http or https)"
+        )),
+    }
 }
 
 fn env(name: &str) -> Option<String> {

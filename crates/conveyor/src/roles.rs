@@ -46,16 +46,18 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         conveyor_api::profiling::enable();
         tracing::warn!("CPU profiling is on: GET /debug/pprof/profile?seconds=N");
     }
-    let exporter = match command.otlp() {
-        Some((role, endpoint)) => {
-            let config = |e: String| {
-                Failure::Config(format!(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT (--otlp-endpoint) {endpoint:?}: {e}"
-                ))
-            };
-            let target = crate::otlp::target(endpoint).map_err(config)?;
+    let target = match command.otlp() {
+        Some((role, endpoint)) => crate::otlp::target(endpoint)
+            .map_err(Failure::Config)?
+            .map(|target| (role, target)),
+        None => None,
+    };
+    let exporter = match target {
+        Some((role, target)) => {
             tracing::info!(url = %target.url, wire = ?target.wire, "exporting trace spans (OTLP)");
-            Some(crate::otlp::Exporter::start(&target, role).map_err(config)?)
+            let started = crate::otlp::Exporter::start(&target, role)
+                .map_err(|e| Failure::Config(format!("OTLP export to {}: {e}", target.url)))?;
+            Some(started)
         }
         None => None,
     };

@@ -254,3 +254,19 @@ async fn spans_reach_a_grpc_collector_over_tls_gzipped() {
         "every export request gzipped: {requests:?}"
     );
 }
+
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` alone turns export on and is the URL spans are posted
+/// to, as it is (the spec's signal-specific endpoint: nothing appended). Were `/v1/traces`
+/// appended again, the collector would answer 404 and no span would arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traces_specific_endpoint_is_used_as_it_is() {
+    let collector = Collector::start().await;
+    let run = Spawn::new("run")
+        .env(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            &format!("{}/v1/traces", collector.url),
+        )
+        .start()
+        .await;
+    send_traced(&run, &collector, "traced-signal-endpoint-1").await;
+}
