@@ -111,13 +111,7 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
         "  grpc       conveyor.v1.IngestService at {url} (with grpc.health.v1.Health and reflection)"
     );
     println!("  sink       {}", args.pool.sink);
-    let workers = processor.start();
-    let draining = drain_pool(
-        Arc::clone(&queue),
-        Arc::clone(&processor),
-        workers,
-        args.serve.drain_timeout(),
-    );
+    let draining = start_pool(&queue, &processor, args.serve.drain_timeout());
     serve_until_signal(
         listener,
         conveyor_gateway::router(gateway),
@@ -238,13 +232,7 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     let router = role_router(routes, readiness.clone(), Arc::clone(&processor));
     let (listener, addr) = listen(&args.serve.host, args.port, "PROCESSOR_PORT").await?;
     announce("processor", addr);
-    let workers = processor.start();
-    let draining = drain_pool(
-        Arc::clone(&queue),
-        Arc::clone(&processor),
-        workers,
-        args.serve.drain_timeout(),
-    );
+    let draining = start_pool(&queue, &processor, args.serve.drain_timeout());
     serve_until_signal(
         listener,
         router,
@@ -541,16 +529,20 @@ async fn serve_until_signal(
     Ok(())
 }
 
-/// What a role with a worker pool does between the signal and closing its listener: stop
-/// publishing into the queue, then let the workers finish (see `WorkerPool::drain`).
-async fn drain_pool(
-    queue: Arc<dyn Queue>,
-    processor: Arc<WorkerPool>,
-    mut workers: tokio::task::JoinSet<()>,
+/// Starts the pool's workers; the returned future is what the role does between the signal
+/// and closing its listener: stop publishing into the queue, then let the workers finish (see
+/// `WorkerPool::drain`).
+fn start_pool(
+    queue: &Arc<dyn Queue>,
+    processor: &Arc<WorkerPool>,
     timeout: Duration,
-) {
-    queue.close().await;
-    drain(&processor, &mut workers, timeout).await;
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut workers = processor.start();
+    let (queue, processor) = (Arc::clone(queue), Arc::clone(processor));
+    async move {
+        queue.close().await;
+        drain(&processor, &mut workers, timeout).await;
+    }
 }
 
 async fn drain(processor: &WorkerPool, workers: &mut tokio::task::JoinSet<()>, timeout: Duration) {
