@@ -68,6 +68,7 @@ pub fn grpc_status(error: &ApiError) -> tonic::Status {
     let code = match error.code {
         ErrorCode::InvalidJson
         | ErrorCode::InvalidField
+        | ErrorCode::SchemaViolation
         | ErrorCode::UnsupportedMediaType
         | ErrorCode::NestingTooDeep => tonic::Code::InvalidArgument,
         ErrorCode::PayloadTooLarge | ErrorCode::BatchTooLarge => tonic::Code::InvalidArgument,

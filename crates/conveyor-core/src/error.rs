@@ -12,6 +12,8 @@ pub enum ErrorCode {
     InvalidJson,
     /// A field is missing, of the wrong type, or out of its allowed range.
     InvalidField,
+    /// The event's data does not conform to the JSON Schema configured for its source.
+    SchemaViolation,
     /// The request's `Content-Type` is not one this endpoint reads.
     UnsupportedMediaType,
     /// The request body is larger than the configured limit.
@@ -34,9 +36,10 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tables indexed by code (metrics) and for tests that sweep them.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidField,
+        ErrorCode::SchemaViolation,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::PayloadTooLarge,
         ErrorCode::BatchTooLarge,
@@ -52,7 +55,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::InvalidJson | ErrorCode::NestingTooDeep => 400,
-            ErrorCode::InvalidField => 422,
+            ErrorCode::InvalidField | ErrorCode::SchemaViolation => 422,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::PayloadTooLarge | ErrorCode::BatchTooLarge => 413,
             ErrorCode::QueueFull => 429,
@@ -74,6 +77,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
             ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::SchemaViolation => "schema_violation",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::BatchTooLarge => "batch_too_large",
@@ -90,6 +94,7 @@ impl ErrorCode {
         Some(match code {
             "invalid_json" => ErrorCode::InvalidJson,
             "invalid_field" => ErrorCode::InvalidField,
+            "schema_violation" => ErrorCode::SchemaViolation,
             "unsupported_media_type" => ErrorCode::UnsupportedMediaType,
             "payload_too_large" => ErrorCode::PayloadTooLarge,
             "batch_too_large" => ErrorCode::BatchTooLarge,

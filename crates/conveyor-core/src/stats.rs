@@ -135,6 +135,9 @@ pub struct IngestStats {
 pub struct PoolStats {
     /// Events written to the sink and acked.
     pub processed: u64,
+    /// Events a pipeline dropped (a filter, an empty transform): acked, not written.
+    #[serde(default)]
+    pub dropped: u64,
     /// Attempts that failed in a stage or the sink (the seed's `errors`).
     pub errors: u64,
     /// Failed attempts handed back to the queue for a later retry.
@@ -160,6 +163,24 @@ pub struct ProcessorStats {
     /// Events held in the dead-letter queue now.
     pub dlq_size: u64,
     pub sink: String,
+    /// The config file the pipelines come from, when there is one, and how its reloads went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigState>,
+}
+
+/// A config file in use: where it is, when it was loaded, and its reloads (SIGHUP).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigState {
+    pub path: String,
+    /// When the config in force was loaded, milliseconds since the Unix epoch.
+    pub loaded_at: u64,
+    /// Reloads that replaced the config.
+    pub reloads_applied: u64,
+    /// Reloads refused because the file did not load; the old config kept running.
+    pub reloads_refused: u64,
+    /// Why the last refused reload was refused (cleared by the next applied one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refusal: Option<String>,
 }
 
 /// The gateway's `totals`: sums over every instance.
@@ -167,6 +188,9 @@ pub struct ProcessorStats {
 pub struct Totals {
     pub accepted: u64,
     pub processed: u64,
+    /// Events a pipeline dropped (acked, not written).
+    #[serde(default)]
+    pub dropped: u64,
     pub failed: u64,
     pub retried: u64,
     pub dead_lettered: u64,

@@ -131,6 +131,7 @@ fn sum_processors(reports: &[(String, Report<ProcessorStats>)]) -> ProcessorStat
     for stats in &all {
         let p = &stats.pool;
         pool.processed += p.processed;
+        pool.dropped += p.dropped;
         pool.errors += p.errors;
         pool.retried += p.retried;
         pool.dead_lettered += p.dead_lettered;
@@ -144,6 +145,7 @@ fn sum_processors(reports: &[(String, Report<ProcessorStats>)]) -> ProcessorStat
         pool,
         dlq_size: all.iter().map(|s| s.dlq_size).sum(),
         sink: all.first().map(|s| s.sink.clone()).unwrap_or_default(),
+        config: all.iter().find_map(|s| s.config.clone()),
     }
 }
 
@@ -204,6 +206,7 @@ fn totals(ingest: &IngestStats, processor: &ProcessorStats) -> Totals {
     Totals {
         accepted: ingest.accepted,
         processed: processor.pool.processed,
+        dropped: processor.pool.dropped,
         failed: processor.pool.errors,
         retried: processor.pool.retried,
         dead_lettered: processor.pool.dead_lettered,

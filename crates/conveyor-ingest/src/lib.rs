@@ -26,6 +26,7 @@ use conveyor_core::stats::IngestStats;
 use conveyor_core::{
     ApiError, BatchContext, ErrorCode, Event, EventDraft, Limits, TRACEPARENT, validate_in,
 };
+use conveyor_pipeline::DoorSchemas;
 use conveyor_queue::{Health, PublishError, Publisher};
 
 pub use coalesce::{CoalescingIntake, CoalescingPublisher};
@@ -63,10 +64,13 @@ pub fn ready_probe(intake: Arc<dyn Intake>) -> ReadyProbe {
     })
 }
 
-/// Validates drafts and publishes them, counting the outcome.
+/// Validates drafts (the event rules, then the door's JSON Schemas) and publishes them,
+/// counting the outcome.
 pub struct Ingest {
     publisher: Arc<dyn Publisher>,
     limits: Limits,
+    /// The schemas events are checked against before they are accepted; swapped on reload.
+    door: std::sync::RwLock<Arc<DoorSchemas>>,
     counters: IngestCounters,
 }
 
@@ -118,8 +122,19 @@ impl Ingest {
         Ingest {
             publisher,
             limits,
+            door: Default::default(),
             counters: IngestCounters::default(),
         }
+    }
+
+    /// Sets the schemas checked at the door (from the config file; again on reload). Requests
+    /// in progress finish with the schemas they started with.
+    pub fn set_door(&self, door: DoorSchemas) {
+        *self.door.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(door);
+    }
+
+    fn door(&self) -> Arc<DoorSchemas> {
+        Arc::clone(&self.door.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn stats(&self) -> IngestStats {
@@ -136,8 +151,19 @@ impl Intake for Ingest {
         let mut pending = Vec::with_capacity(drafts.len());
         let mut payload_sizes = metrics::PAYLOAD_SIZE.local();
         let mut batch = BatchContext::default();
+        let door = self.door();
         for draft in drafts {
-            match validate_in(draft, &self.limits, &mut batch) {
+            let checked = validate_in(draft, &self.limits, &mut batch).and_then(|event| match door
+                .check(&event.source, &event.payload, event.content_type)
+            {
+                Ok(()) => Ok(event),
+                Err(violation) => Err(ApiError {
+                    code: ErrorCode::SchemaViolation,
+                    message: violation.message,
+                    field: Some(violation.field),
+                }),
+            });
+            match checked {
                 Ok(event) => {
                     payload_sizes.record(event.payload.len() as u64);
                     pending.push(results.len());

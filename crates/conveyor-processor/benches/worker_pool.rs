@@ -9,7 +9,8 @@ use std::alloc::System;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conveyor_processor::pipeline::Pipeline;
+use conveyor_pipeline::{DEFAULT_SINK, Pipelines};
+use conveyor_processor::routing::Routing;
 use conveyor_processor::sink::BlackholeSink;
 use conveyor_processor::{WorkerPool, WorkerPoolConfig};
 use conveyor_queue::conformance::event;
@@ -41,8 +42,11 @@ impl Running {
         });
         let processor = WorkerPool::new(
             Arc::new(queue.clone()),
-            Pipeline::default(),
-            Arc::new(BlackholeSink),
+            Routing::single(
+                Pipelines::passthrough(Arc::from(vec![Arc::<str>::from(DEFAULT_SINK)])),
+                Arc::new(BlackholeSink),
+            )
+            .expect("one sink"),
             Arc::new(MemoryDeadLetters::new(16)),
             WorkerPoolConfig {
                 workers,

@@ -1,18 +1,21 @@
 //! The processor: consumes the queue with a pool of workers, runs each event through the
-//! [`pipeline`], writes the result to a [`sink`], and settles the delivery only then.
+//! pipelines ([`conveyor_pipeline`], held with their sinks in a [`routing::Routing`]), writes
+//! what they route to the named [`sink`]s, and settles the delivery only then.
 //!
-//! Contract 2, "processed means written": a delivery is acked after the sink confirmed the
-//! write. A failing stage or sink makes the delivery go back to the queue with a growing delay;
-//! after `max_attempts` the event moves to the [`dlq`] with its last error and is terminated in
-//! the queue. Nothing is dropped silently: if the DLQ is full, the event stays in the queue.
+//! Contract 2, "processed means written": a delivery is acked after every sink it was routed to
+//! confirmed the write (or a pipeline dropped it: counted, acked, never retried). A failing
+//! sink or a retryable stage failure makes the delivery go back to the queue with a growing
+//! delay; after `max_attempts` the event moves to the [`dlq`] with its last error and is
+//! terminated in the queue. A permanent failure (a schema violation, a jq error) goes to the
+//! DLQ at once, naming its pipeline and stage. Nothing is dropped silently: if the DLQ is full, the event stays in the queue.
 //!
 //! A bounded window of processed ids ([`seen::SeenIds`]) keeps a redelivered event that was
 //! already written from being written twice.
 
 pub mod http;
 pub mod metrics;
-pub mod pipeline;
 pub mod pool;
+pub mod routing;
 pub mod seen;
 pub mod sink;
 

@@ -4,8 +4,9 @@
 //! [`LocalHistogram`](conveyor_api::histogram::LocalHistogram)); [`register`]ed with
 //! `/metrics` when a [`Processor`](crate::Processor) is made.
 //!
-//! The `stage` label of `conveyor_stage_duration_seconds` is [`Stage::kind`](crate::pipeline::Stage::kind):
-//! a `&'static str` from code, so the label values are bounded by the stage kinds compiled in.
+//! The `pipeline`, `stage` and `sink` labels are names from the config file (or `default` and
+//! `N-kind` for the `--stage`/`--sink` quick form), checked to be short identifiers when the
+//! file is loaded, so the label values are bounded by what the operator wrote.
 
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,25 +32,84 @@ const STAGE_MICROS: &[u64] = &[
     1, 5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
 ];
 
-/// One duration histogram per stage kind, made the first time a pipeline has that kind.
-static STAGE_DURATION: RwLock<Vec<(&'static str, &'static Histogram)>> = RwLock::new(Vec::new());
+/// One stage of one pipeline: how long it took per event, and what it did with them.
+pub struct StageSeries {
+    pub duration: Histogram,
+    pub passed: AtomicU64,
+    pub dropped: AtomicU64,
+    pub failed: AtomicU64,
+}
 
-/// The duration histogram of stages of `kind`. Looked up when a pipeline is built, not per
-/// event; a kind's histogram lives as long as the process (kinds are few and fixed in code).
-pub fn stage_histogram(kind: &'static str) -> &'static Histogram {
-    let find = |list: &[(&'static str, &'static Histogram)]| {
-        list.iter().find(|(k, _)| *k == kind).map(|(_, h)| *h)
-    };
-    if let Some(h) = find(&STAGE_DURATION.read().unwrap_or_else(|p| p.into_inner())) {
-        return h;
+/// One pipeline: the events it took in, and what became of them.
+#[derive(Default)]
+pub struct PipelineSeries {
+    pub events: AtomicU64,
+    pub routed: AtomicU64,
+    pub dropped: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// One named sink: events it confirmed, and events whose write failed.
+#[derive(Default)]
+pub struct SinkSeries {
+    pub written: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// The `pipeline` label of events no pipeline matched (config names cannot contain
+/// parentheses, so it cannot clash with one).
+pub const UNMATCHED: &str = "(unmatched)";
+
+type Registry<K, T> = RwLock<Vec<(K, &'static T)>>;
+
+static STAGES: Registry<(String, String), StageSeries> = RwLock::new(Vec::new());
+static PIPELINES: Registry<String, PipelineSeries> = RwLock::new(Vec::new());
+static SINKS: Registry<String, SinkSeries> = RwLock::new(Vec::new());
+
+/// The series of `key` in `registry`, made the first time it is asked for. Looked up when a
+/// config is loaded, not per event; a series lives as long as the process, so the label
+/// values are bounded by the names the config files this process loaded gave.
+fn series<K: PartialEq + Clone, T>(
+    registry: &Registry<K, T>,
+    key: &K,
+    make: impl FnOnce() -> T,
+) -> &'static T {
+    let find = |list: &[(K, &'static T)]| list.iter().find(|(k, _)| k == key).map(|(_, s)| *s);
+    if let Some(found) = find(&registry.read().unwrap_or_else(|p| p.into_inner())) {
+        return found;
     }
-    let mut list = STAGE_DURATION.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(h) = find(&list) {
-        return h;
+    let mut list = registry.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(found) = find(&list) {
+        return found;
     }
-    let h: &'static Histogram = Box::leak(Box::new(Histogram::new(STAGE_MICROS, 1e6)));
-    list.push((kind, h));
-    h
+    let made: &'static T = Box::leak(Box::new(make()));
+    list.push((key.clone(), made));
+    made
+}
+
+pub fn stage_series(pipeline: &str, stage: &str) -> &'static StageSeries {
+    series(&STAGES, &(pipeline.to_owned(), stage.to_owned()), || {
+        StageSeries {
+            duration: Histogram::new(STAGE_MICROS, 1e6),
+            passed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    })
+}
+
+pub fn pipeline_series(pipeline: &str) -> &'static PipelineSeries {
+    series(&PIPELINES, &pipeline.to_owned(), PipelineSeries::default)
+}
+
+pub fn sink_series(sink: &str) -> &'static SinkSeries {
+    series(&SINKS, &sink.to_owned(), SinkSeries::default)
+}
+
+fn snapshot<K: Clone + Ord, T>(registry: &Registry<K, T>) -> Vec<(K, &'static T)> {
+    let mut list = registry.read().unwrap_or_else(|p| p.into_inner()).clone();
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    list
 }
 
 /// This process runs a worker pool: its families join `/metrics`.
@@ -69,6 +129,13 @@ pub fn end_to_end_here() -> Option<Snapshot> {
         .then(|| END_TO_END.snapshot())
 }
 
+fn stage_labels(pipeline: &str, stage: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("pipeline", pipeline.to_owned()),
+        ("stage", stage.to_owned()),
+    ]
+}
+
 fn render(out: &mut Exposition) {
     let plain = |h: &Histogram| vec![(Vec::new(), h.value())];
     out.histograms(
@@ -76,17 +143,68 @@ fn render(out: &mut Exposition) {
         "Deliveries per batch a worker fetched from the queue.",
         plain(&FETCH_BATCH_EVENTS),
     );
-    let mut stages = STAGE_DURATION
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    stages.sort_by_key(|(kind, _)| *kind);
+    let stages = snapshot(&STAGES);
     out.histograms(
         "conveyor_stage_duration_seconds",
-        "Time one pipeline stage took on one event, by stage kind.",
+        "Time one pipeline stage took on one event.",
         stages
             .iter()
-            .map(|(kind, h)| (vec![("stage", (*kind).to_owned())], h.value()))
+            .map(|((pipeline, stage), s)| (stage_labels(pipeline, stage), s.duration.value()))
+            .collect(),
+    );
+    out.counters(
+        "conveyor_stage_events_total",
+        "Events a pipeline stage passed on, dropped or failed.",
+        stages
+            .iter()
+            .flat_map(|((pipeline, stage), s)| {
+                [
+                    ("passed", &s.passed),
+                    ("dropped", &s.dropped),
+                    ("failed", &s.failed),
+                ]
+                .map(|(result, n)| {
+                    let mut labels = stage_labels(pipeline, stage);
+                    labels.push(("result", result.to_owned()));
+                    (labels, n.load(Ordering::Relaxed))
+                })
+            })
+            .collect(),
+    );
+    out.counters(
+        "conveyor_pipeline_events_total",
+        "Events a pipeline took in (result=in) and what became of them: routed to sinks, dropped or failed.",
+        snapshot(&PIPELINES)
+            .iter()
+            .flat_map(|(pipeline, s)| {
+                [
+                    ("in", &s.events),
+                    ("routed", &s.routed),
+                    ("dropped", &s.dropped),
+                    ("failed", &s.failed),
+                ]
+                .map(|(result, n)| {
+                    (
+                        vec![("pipeline", pipeline.clone()), ("result", result.to_owned())],
+                        n.load(Ordering::Relaxed),
+                    )
+                })
+            })
+            .collect(),
+    );
+    out.counters(
+        "conveyor_sink_events_total",
+        "Events routed to a named sink: written (confirmed) or failed (to be retried).",
+        snapshot(&SINKS)
+            .iter()
+            .flat_map(|(sink, s)| {
+                [("written", &s.written), ("failed", &s.failed)].map(|(result, n)| {
+                    (
+                        vec![("sink", sink.clone()), ("result", result.to_owned())],
+                        n.load(Ordering::Relaxed),
+                    )
+                })
+            })
             .collect(),
     );
     out.histograms(
@@ -122,15 +240,17 @@ mod tests {
 
     use super::*;
 
-    /// The families as the hand-written renderer wrote them before prometheus-client, with
-    /// the `stage` label from the stage kinds in use.
+    /// The families keep their names and types; the per-pipeline ones are labelled by the
+    /// config's names.
     #[test]
     fn the_pool_families_keep_their_names_types_and_labels() {
-        stage_histogram("json").record(3);
+        stage_series("default", "1-json").duration.record(3);
         assert!(std::ptr::eq(
-            stage_histogram("json"),
-            stage_histogram("json")
+            stage_series("default", "1-json"),
+            stage_series("default", "1-json")
         ));
+        pipeline_series("default");
+        sink_series("default");
         let mut out = Exposition::new();
         render(&mut out);
         let text = out.encode(Format::Prometheus);
@@ -143,6 +263,9 @@ mod tests {
             [
                 "conveyor_fetch_batch_events histogram",
                 "conveyor_stage_duration_seconds histogram",
+                "conveyor_stage_events_total counter",
+                "conveyor_pipeline_events_total counter",
+                "conveyor_sink_events_total counter",
                 "conveyor_sink_write_duration_seconds histogram",
                 "conveyor_sink_batch_events histogram",
                 "conveyor_end_to_end_latency_seconds histogram",
@@ -151,7 +274,9 @@ mod tests {
             ]
         );
         assert!(
-            text.contains("conveyor_stage_duration_seconds_count{stage=\"json\"} 1\n"),
+            text.contains(
+                "conveyor_stage_duration_seconds_count{pipeline=\"default\",stage=\"1-json\"} 1\n"
+            ),
             "{text}"
         );
         for line in text
@@ -160,8 +285,10 @@ mod tests {
         {
             let labels = &line[line.find('{').unwrap_or_default()..];
             assert!(
-                labels.starts_with("{le=") || labels.starts_with("{stage="),
-                "only stage and le labels: {line}"
+                ["{le=", "{pipeline=", "{sink="]
+                    .iter()
+                    .any(|l| labels.starts_with(l)),
+                "only pipeline, stage, sink, result and le labels: {line}"
             );
         }
     }

@@ -1,9 +1,10 @@
 //! The worker pool.
 //!
 //! Each worker owns a consumer and loops: fetch a batch, skip ids already processed, run the
-//! pipeline (on the blocking pool when a stage is CPU-heavy), write the survivors to the sink in
-//! one call, then ack them; failures are nacked with backoff or, after the last attempt,
-//! dead-lettered and terminated.
+//! pipelines (on the blocking pool when a stage may be slow), write what they route to each sink
+//! in one call per sink, then ack; drops are acked; retryable failures are nacked with backoff
+//! or, after the last attempt, dead-lettered and terminated; permanent ones are dead-lettered at
+//! once.
 //!
 //! Shutdown ([`WorkerPool::drain`]): with a durable queue (a broker) workers finish the batch in
 //! hand and stop, leaving the rest in the broker. With the memory queue, everything the queue
@@ -18,15 +19,15 @@ use conveyor_api::trace;
 
 use crate::metrics;
 
-use conveyor_core::stats::{PoolStats, ProcessorStats, ReplayReport};
+use conveyor_core::stats::{ConfigState, PoolStats, ProcessorStats, ReplayReport};
 use conveyor_core::{Event, REPLAY_HEADER, now_ms};
 use conveyor_queue::{Consumer, Delivery, Handle, Health, Queue, Settlement};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::pipeline::{Failed, Outcome, Pipeline};
+use crate::routing::Routing;
 use crate::seen::{Claim, SeenIds};
-use crate::sink::Sink;
+use conveyor_pipeline::{Outcome, Routed};
 use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue};
 
 #[derive(Debug, Clone)]
@@ -66,9 +67,18 @@ impl WorkerPoolConfig {
     }
 }
 
+/// An event that failed: the event as it came from the queue, and why.
+pub struct Failed {
+    pub event: Event,
+    pub error: String,
+    /// Whether a retry could help; a permanent failure goes to the DLQ at once.
+    pub retryable: bool,
+}
+
 #[derive(Default)]
 struct Counters {
     processed: AtomicU64,
+    dropped: AtomicU64,
     errors: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
@@ -79,8 +89,8 @@ struct Counters {
 
 pub struct WorkerPool {
     queue: Arc<dyn Queue>,
-    pipeline: Pipeline,
-    sink: Arc<dyn Sink>,
+    /// The pipelines and sinks now; a batch takes the current one and keeps it to the end.
+    routing: std::sync::RwLock<Arc<Routing>>,
     dlq: Arc<dyn DeadLetterQueue>,
     config: WorkerPoolConfig,
     counters: Counters,
@@ -88,29 +98,34 @@ pub struct WorkerPool {
     /// of one in hand (a broker redelivered it while the first was still at work) waits; one
     /// already written is acked without writing it again.
     seen: Mutex<SeenIds>,
+    /// `sink NUL id` pairs written recently, for events that go to more than one sink (or
+    /// split into several): a retry after one sink failed skips the sinks that confirmed.
+    partial: Mutex<SeenIds>,
     stop: watch::Sender<bool>,
     replays: AtomicU64,
+    /// The config file's state, shown in the stats (set by whoever loads the file).
+    config_state: Mutex<Option<ConfigState>>,
 }
 
 impl WorkerPool {
     pub fn new(
         queue: Arc<dyn Queue>,
-        pipeline: Pipeline,
-        sink: Arc<dyn Sink>,
+        routing: Routing,
         dlq: Arc<dyn DeadLetterQueue>,
         config: WorkerPoolConfig,
     ) -> Arc<Self> {
         crate::metrics::register();
         Arc::new(WorkerPool {
             seen: Mutex::new(SeenIds::new(config.dedupe_window)),
+            partial: Mutex::new(SeenIds::new(config.dedupe_window)),
             queue,
-            pipeline,
-            sink,
+            routing: std::sync::RwLock::new(Arc::new(routing)),
             dlq,
             config,
             counters: Counters::default(),
             stop: watch::channel(false).0,
             replays: AtomicU64::new(0),
+            config_state: Mutex::new(None),
         })
     }
 
@@ -118,22 +133,48 @@ impl WorkerPool {
         &self.queue
     }
 
-    /// Seeds the seen-id window with what the sink already holds (see [`Sink::recent_ids`]).
+    /// The pipelines and sinks batches start with now.
+    pub fn routing(&self) -> Arc<Routing> {
+        Arc::clone(&self.routing.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Swaps in new pipelines and sinks: batches from now on use them; batches in flight
+    /// finish with the ones they started with.
+    pub async fn reload(&self, routing: Routing) {
+        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+        self.remember_sink().await;
+    }
+
+    /// Records the config file's state for the stats.
+    pub fn set_config_state(&self, state: ConfigState) {
+        *self.config_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    }
+
+    /// Seeds the seen-id windows with what the sinks already hold (see [`Sink::recent_ids`]).
+    /// The per-event window only with a single sink: with several, an id one of them holds
+    /// may still be owed to another.
     pub async fn remember_sink(&self) {
-        match self.sink.recent_ids(self.config.dedupe_window).await {
-            Ok(ids) if !ids.is_empty() => {
-                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                for id in ids
-                    .iter()
-                    .map(|id| std::sync::Arc::<str>::from(id.as_str()))
-                {
-                    seen.remember(&id);
+        let routing = self.routing();
+        let single = routing.sinks().len() == 1;
+        for named in routing.sinks() {
+            match named.sink.recent_ids(self.config.dedupe_window).await {
+                Ok(ids) if !ids.is_empty() => {
+                    if single {
+                        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                        for id in &ids {
+                            seen.remember(&Arc::<str>::from(id.as_str()));
+                        }
+                    }
+                    let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
+                    for id in &ids {
+                        partial.remember(&partial_key(&named.name, id));
+                    }
+                    tracing::info!(sink = %named.name, ids = ids.len(), "seen-id window seeded from the sink");
                 }
-                tracing::info!(ids = ids.len(), "seen-id window seeded from the sink");
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%error, "cannot read back the sink; starting with an empty seen-id window")
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(sink = %named.name, %error, "cannot read back the sink; starting with an empty seen-id window")
+                }
             }
         }
     }
@@ -185,6 +226,7 @@ impl WorkerPool {
             queue: self.queue.stats().await,
             pool: PoolStats {
                 processed: c.processed.load(Ordering::Relaxed),
+                dropped: c.dropped.load(Ordering::Relaxed),
                 errors: c.errors.load(Ordering::Relaxed),
                 retried: c.retried.load(Ordering::Relaxed),
                 dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
@@ -194,7 +236,12 @@ impl WorkerPool {
                 active: c.active.load(Ordering::Relaxed),
             },
             dlq_size: self.dlq.size().await,
-            sink: self.sink.describe(),
+            sink: self.routing().describe(),
+            config: self
+                .config_state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
@@ -364,22 +411,36 @@ impl WorkerPool {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs the pipeline and the sink for events this worker claimed, ends the claims, and
+    /// Runs the pipelines and the sinks for events this worker claimed, ends the claims, and
     /// settles the deliveries.
     async fn process_claimed(&self, events: Vec<Event>, handles: Vec<Handle>) {
+        let routing = self.routing();
         let trace_start = trace::enabled().then(trace::now_ns);
         let keep_alive = self.queue.keep_alive_interval();
-        let outcomes = while_keeping_alive(&handles, keep_alive, self.run_pipeline(events)).await;
-        let mut passed = Vec::with_capacity(outcomes.len());
-        let mut passed_handles = Vec::with_capacity(outcomes.len());
+        // The events as they came: what a retry or the DLQ gets (a replay runs the pipelines
+        // of the config then in force). Cheap: shared fields and reference counts.
+        let originals = events.clone();
+        let outcomes =
+            while_keeping_alive(&handles, keep_alive, self.run_pipelines(&routing, events)).await;
+        if outcomes.len() != originals.len() {
+            // The pipeline task failed: the handles, dropped unsettled, send the events back.
+            return;
+        }
+        let mut dropped = Vec::new();
         let mut failed = Vec::new();
-        for (outcome, handle) in outcomes.into_iter().zip(handles) {
+        let mut routed: Vec<(Event, Handle, Vec<Routed>)> = Vec::with_capacity(outcomes.len());
+        for ((outcome, original), handle) in outcomes.into_iter().zip(originals).zip(handles) {
             match outcome {
-                Outcome::Passed(event) => {
-                    passed.push(event);
-                    passed_handles.push(handle);
-                }
-                Outcome::Failed(failure) => failed.push((failure, handle)),
+                Outcome::Routed(outputs) => routed.push((original, handle, outputs)),
+                Outcome::Dropped { .. } => dropped.push((original, handle)),
+                Outcome::Failed(failure) => failed.push((
+                    Failed {
+                        event: original,
+                        error: failure.to_string(),
+                        retryable: failure.retryable,
+                    },
+                    handle,
+                )),
             }
         }
         if let Some(start_ns) = trace_start {
@@ -387,59 +448,76 @@ impl WorkerPool {
                 start_ns,
                 failed
                     .iter()
-                    .map(|(failure, _)| (&failure.event, Some(failure.error.as_str()))),
+                    .map(|(failure, _)| (&failure.event, Some(failure.error.as_str())))
+                    .chain(dropped.iter().map(|(event, _)| (event, None))),
             );
         }
-
-        if !passed.is_empty() {
-            let started = Instant::now();
-            let written = while_keeping_alive(
-                &passed_handles,
-                keep_alive,
-                self.sink.write(&passed, now_ms()),
+        if !dropped.is_empty() {
+            // A drop is an outcome, like a write: a redelivery is acked as a duplicate.
+            {
+                let mut seen = self.seen();
+                for (event, _) in &dropped {
+                    seen.finish(&event.id, true);
+                }
+            }
+            self.counters
+                .dropped
+                .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+            settle_all(
+                dropped.into_iter().map(|(_, h)| h).collect(),
+                Settlement::Ack,
             )
             .await;
-            metrics::SINK_WRITE_DURATION.record_duration(started.elapsed());
+        }
+
+        if !routed.is_empty() {
+            let handles: Vec<&Handle> = routed.iter().map(|(_, h, _)| h).collect();
+            let errors =
+                while_keeping_alive(&handles, keep_alive, self.write_routed(&routing, &routed))
+                    .await;
             if let Some(start_ns) = trace_start {
-                let error = written.as_ref().err().map(|error| error.to_string());
                 record_spans(
                     start_ns,
-                    passed.iter().map(|event| (event, error.as_deref())),
+                    routed
+                        .iter()
+                        .zip(&errors)
+                        .map(|((event, _, _), error)| (event, error.as_deref())),
                 );
             }
-            match written {
-                Ok(()) => {
-                    record_written(&passed);
-                    {
-                        let mut seen = self.seen();
-                        for event in &passed {
-                            seen.finish(&event.id, true);
-                        }
+            let mut written = Vec::with_capacity(routed.len());
+            let mut written_handles = Vec::with_capacity(routed.len());
+            for ((original, handle, outputs), error) in routed.into_iter().zip(errors) {
+                match error {
+                    None => {
+                        written.extend(outputs.into_iter().map(|o| o.event));
+                        written_handles.push((original.id, handle));
                     }
-                    self.counters
-                        .processed
-                        .fetch_add(passed.len() as u64, Ordering::Relaxed);
-                    settle_all(passed_handles, Settlement::Ack).await;
+                    Some(error) => failed.push((
+                        Failed {
+                            event: original,
+                            error,
+                            retryable: true,
+                        },
+                        handle,
+                    )),
                 }
-                Err(error) => {
-                    metrics::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, events = passed.len(), "sink write failed");
-                    let message = error.to_string();
-                    failed.extend(
-                        passed
-                            .into_iter()
-                            .zip(passed_handles)
-                            .map(|(event, handle)| {
-                                (
-                                    Failed {
-                                        event,
-                                        error: message.clone(),
-                                    },
-                                    handle,
-                                )
-                            }),
-                    );
+            }
+            if !written_handles.is_empty() {
+                record_written(&written);
+                {
+                    let mut seen = self.seen();
+                    for (id, _) in &written_handles {
+                        seen.finish(id, true);
+                    }
                 }
+                self.counters
+                    .processed
+                    .fetch_add(written_handles.len() as u64, Ordering::Relaxed);
+                settle_all(
+                    written_handles.into_iter().map(|(_, h)| h).collect(),
+                    Settlement::Ack,
+                )
+                .await;
             }
         }
         if !failed.is_empty() {
@@ -453,13 +531,87 @@ impl WorkerPool {
         }
     }
 
-    async fn run_pipeline(&self, events: Vec<Event>) -> Vec<Outcome> {
-        if !self.pipeline.is_cpu_heavy() {
-            return self.pipeline.run_batch(events);
+    /// Writes every routed output to its sinks, one write call per sink (all sinks at once);
+    /// per event, `None` when every sink it was routed to confirmed it, or the first error.
+    ///
+    /// An event with more than one destination (several sinks, or split into several events)
+    /// is remembered per sink as each confirms, so its retry after a partial failure writes
+    /// only to the sinks that did not.
+    async fn write_routed(
+        &self,
+        routing: &Routing,
+        routed: &[(Event, Handle, Vec<Routed>)],
+    ) -> Vec<Option<String>> {
+        let mut batches: Vec<(Vec<Event>, Vec<usize>)> =
+            routing.sinks().iter().map(|_| Default::default()).collect();
+        let mut errors: Vec<Option<String>> = vec![None; routed.len()];
+        let multi: Vec<bool> = routed
+            .iter()
+            .map(|(_, _, outputs)| outputs.iter().map(|o| o.sinks.len()).sum::<usize>() > 1)
+            .collect();
+        {
+            let partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
+            for (item, (_, _, outputs)) in routed.iter().enumerate() {
+                for output in outputs {
+                    for name in output.sinks.iter() {
+                        let Some(sink) = routing.sink_index(name) else {
+                            errors[item] = Some(format!("no sink named '{name}'"));
+                            continue;
+                        };
+                        if multi[item] && partial.is_written(&partial_key(name, &output.event.id)) {
+                            continue;
+                        }
+                        batches[sink].0.push(output.event.clone());
+                        batches[sink].1.push(item);
+                    }
+                }
+            }
         }
-        let pipeline = self.pipeline.clone();
+        let processed_at = now_ms();
+        let writes = routing
+            .sinks()
+            .iter()
+            .zip(&batches)
+            .filter(|(_, (events, _))| !events.is_empty())
+            .map(|(named, (events, items))| async move {
+                let started = Instant::now();
+                let result = named.sink.write(events, processed_at).await;
+                metrics::SINK_WRITE_DURATION.record_duration(started.elapsed());
+                (named, events, items, result)
+            });
+        for (named, events, items, result) in futures_util::future::join_all(writes).await {
+            let count = events.len() as u64;
+            match result {
+                Ok(()) => {
+                    named.series.written.fetch_add(count, Ordering::Relaxed);
+                    let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
+                    for (event, &item) in events.iter().zip(items) {
+                        if multi[item] {
+                            partial.remember(&partial_key(&named.name, &event.id));
+                        }
+                    }
+                }
+                Err(error) => {
+                    named.series.failed.fetch_add(count, Ordering::Relaxed);
+                    metrics::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, sink = %named.name, events = count, "sink write failed");
+                    let message = error.to_string();
+                    for &item in items {
+                        errors[item].get_or_insert_with(|| message.clone());
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    async fn run_pipelines(&self, routing: &Arc<Routing>, events: Vec<Event>) -> Vec<Outcome> {
+        if !routing.is_cpu_heavy() {
+            return routing.run_batch(events);
+        }
+        let routing = Arc::clone(routing);
         let claimed: Vec<Arc<str>> = events.iter().map(|e| Arc::clone(&e.id)).collect();
-        match tokio::task::spawn_blocking(move || pipeline.run_batch(events)).await {
+        match tokio::task::spawn_blocking(move || routing.run_batch(events)).await {
             Ok(outcomes) => outcomes,
             // The batch's events went down with the panicking task; their handles, dropped
             // unsettled by the caller, send them back to the queue, and their claims end here.
@@ -474,15 +626,24 @@ impl WorkerPool {
         }
     }
 
-    /// Retries with backoff, or dead-letters after the last attempt.
+    /// Retries with backoff, or dead-letters after the last attempt (at once when the failure
+    /// is permanent).
     async fn fail(&self, failed: Vec<(Failed, Handle)>) {
         let count = failed.len() as u64;
         self.counters.errors.fetch_add(count, Ordering::Relaxed);
         let mut dlq_full = 0u64;
         let mut sample_error = None;
-        for (Failed { event, error }, handle) in failed {
+        for (
+            Failed {
+                event,
+                error,
+                retryable,
+            },
+            handle,
+        ) in failed
+        {
             let attempt = event.attempt;
-            if attempt < self.config.max_attempts {
+            if retryable && attempt < self.config.max_attempts {
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
                 settle(
                     handle,
@@ -530,10 +691,15 @@ impl WorkerPool {
     }
 }
 
+/// The key of `id` written to `sink` in the pool's `partial` window.
+fn partial_key(sink: &str, id: &str) -> Arc<str> {
+    format!("{sink}\u{0}{id}").into()
+}
+
 /// Runs `work`, telling the queue every `interval` that `handles` are still being worked on, so
 /// a slow stage or sink does not get its deliveries redelivered to another processor.
-async fn while_keeping_alive<F: std::future::Future>(
-    handles: &[Handle],
+async fn while_keeping_alive<F: std::future::Future, H: std::borrow::Borrow<Handle>>(
+    handles: &[H],
     interval: Option<Duration>,
     work: F,
 ) -> F::Output {
@@ -547,7 +713,7 @@ async fn while_keeping_alive<F: std::future::Future>(
             output = &mut work => return output,
             _ = ticker.tick() => {
                 for handle in handles {
-                    if let Err(error) = handle.keep_alive().await {
+                    if let Err(error) = handle.borrow().keep_alive().await {
                         tracing::warn!(%error, "in-progress ack failed");
                         break;
                     }

@@ -77,6 +77,40 @@ impl std::fmt::Display for SinkSpec {
 }
 
 impl SinkSpec {
+    /// A sink declared in the config file: `type` and the type's own keys (`path` for a file).
+    pub fn from_settings(settings: &serde_json::Value) -> Result<Self, String> {
+        let table = settings
+            .as_object()
+            .ok_or_else(|| "a sink is a table of settings".to_owned())?;
+        let kind = table
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| "no `type` (file, stdout or blackhole)".to_owned())?;
+        let allowed: &[&str] = match kind {
+            "file" => &["type", "path"],
+            "stdout" | "blackhole" => &["type"],
+            other => {
+                return Err(format!(
+                    "unknown sink type '{other}' (known: file, stdout, blackhole)"
+                ));
+            }
+        };
+        if let Some(unknown) = table.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(format!(
+                "a {kind} sink has no setting `{unknown}` (settings: {})",
+                allowed.join(", ")
+            ));
+        }
+        Ok(match kind {
+            "file" => match table.get("path").and_then(|p| p.as_str()) {
+                Some(path) if !path.is_empty() => SinkSpec::File(PathBuf::from(path)),
+                _ => return Err("a file sink needs `path`".into()),
+            },
+            "stdout" => SinkSpec::Stdout,
+            _ => SinkSpec::Blackhole,
+        })
+    }
+
     /// Opens the sink (a file sink creates its directory and cuts a torn last line).
     pub fn open(&self) -> Result<Arc<dyn Sink>, String> {
         Ok(match self {

@@ -1,6 +1,7 @@
 //! The command line. Every flag has an environment variable; the seed's names (`API_PORT`,
 //! `QUEUE_SIZE`, …) are those variables.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -79,6 +80,27 @@ pub enum Command {
     Load(conveyor_load::LoadArgs),
     /// Shows the system's status as the gateway sees it (GET /api/v1/status) as a table.
     Status(StatusArgs),
+    /// Loads a config file (jq programs, schemas, sinks), prints what it holds, and exits 0, or
+    /// 64 naming each problem with its file, line and column.
+    Validate(ConfigFileArgs),
+    /// Runs the `[[tests]]` of a config file: a pass/fail line per test; exits 1 if any fails.
+    Test(ConfigFileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigFileArgs {
+    /// The config file (TOML): sinks, door schemas, pipelines, tests (docs/PIPELINES.md).
+    #[arg(long, env = "CONVEYOR_CONFIG", value_name = "CONVEYOR_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// The config file of a running role.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Config file (TOML) with named sinks, door schemas and pipelines (docs/PIPELINES.md);
+    /// re-read on SIGHUP. Without one, --sink and --stage are the whole pipeline.
+    #[arg(long, env = "CONVEYOR_CONFIG", value_name = "CONVEYOR_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +275,9 @@ pub enum CompositeStrategy {
     BestEffort,
 }
 
+/// Where processed events go when neither --sink nor a config file says.
+pub const DEFAULT_SINK_FLAG: &str = "file:./data/out.ndjson";
+
 #[derive(Debug, Args)]
 pub struct PoolArgs {
     /// Workers in the pool.
@@ -260,17 +285,18 @@ pub struct PoolArgs {
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: u64,
 
-    /// Where processed events go: file:PATH, stdout or blackhole.
+    /// Where processed events go: file:PATH, stdout or blackhole. With --config, the sink
+    /// named `default` (given here, it overrides the file's `[sinks.default]`).
     #[arg(
         long,
         env = "CONVEYOR_SINK",
         value_name = "CONVEYOR_SINK",
-        default_value = "file:./data/out.ndjson"
+        default_value = DEFAULT_SINK_FLAG
     )]
     pub sink: SinkSpec,
 
     /// Pipeline stages in order (repeat the flag, or separate with ';'): json, require:a,b,
-    /// set-metadata:k=v, fail-if:k=v, cpu:N.
+    /// set-metadata:k=v, fail-if:k=v, cpu:N. With --config, they replace the file's pipelines.
     #[arg(
         long = "stage",
         env = "CONVEYOR_STAGES",
@@ -344,6 +370,8 @@ pub struct RunArgs {
     pub queue: QueueArgs,
     #[command(flatten)]
     pub pool: PoolArgs,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -394,6 +422,8 @@ pub struct IngestArgs {
     pub events: EventArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -415,6 +445,8 @@ pub struct ProcessorArgs {
     pub queue: QueueArgs,
     #[command(flatten)]
     pub pool: PoolArgs,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// An `http://host[:port][/path]` peer URL, without its trailing slash.

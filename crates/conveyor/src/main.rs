@@ -4,6 +4,7 @@ mod cli;
 mod failure;
 mod otlp;
 mod otlp_http;
+mod pipelines;
 mod roles;
 mod shutdown;
 mod status;

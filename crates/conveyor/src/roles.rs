@@ -16,7 +16,6 @@ use conveyor_ingest::http::{self as ingest_http, HttpLimits};
 use conveyor_ingest::{
     CoalescingIntake, CoalescingPublisher, EnqueueForwarder, Ingest, Intake, RemoteIntake,
 };
-use conveyor_processor::pipeline::Pipeline;
 use conveyor_processor::{WorkerPool, WorkerPoolConfig};
 use conveyor_queue::composite::{CompositeQueue, Strategy};
 use conveyor_queue::dlq::{DeadLetterQueue, MemoryDeadLetters};
@@ -26,11 +25,13 @@ use conveyor_queue::{
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    BatchArgs, BodyArgs, Command, CompositeStrategy, EventArgs, GatewayArgs, IngestArgs, PoolArgs,
-    ProcessorArgs, QueueArgs, QueueType, RunArgs,
+    BatchArgs, BodyArgs, Command, CompositeStrategy, DEFAULT_SINK_FLAG, EventArgs, GatewayArgs,
+    IngestArgs, PoolArgs, ProcessorArgs, QueueArgs, QueueType, RunArgs,
 };
 use crate::failure::Failure;
+use crate::pipelines::{Flags, OpenSinks, Reloader};
 use crate::shutdown;
+use conveyor_pipeline::Config;
 
 /// Batches a split-mode hop keeps on the wire at once; requests arriving meanwhile are sent
 /// together as the next batch (see `conveyor_ingest::coalesce`). Two keep the hop busy while
@@ -75,6 +76,8 @@ async fn run_command(command: Command) -> Result<(), Failure> {
         Command::Ingest(args) => ingest(args).await,
         Command::Processor(args) => processor(args).await,
         Command::Status(args) => crate::status::run(args).await,
+        Command::Validate(args) => crate::pipelines::validate(&args),
+        Command::Test(args) => crate::pipelines::test(&args),
         Command::Load(args) => conveyor_load::run(args)
             .await
             .map(drop)
@@ -86,12 +89,25 @@ async fn run_command(command: Command) -> Result<(), Failure> {
 }
 
 async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
-    let (processor, queue) = build_processor(&args.queue, &args.pool).await?;
+    let config = load_config(args.config.config.as_deref())?;
+    let open = Arc::new(OpenSinks::default());
+    let (processor, queue) =
+        build_processor(&args.queue, &args.pool, config.as_ref(), &open).await?;
     let readiness = Readiness::default();
     let ingest = Arc::new(Ingest::new(
         queue.clone() as Arc<dyn Publisher>,
         event_limits(&args.events),
     ));
+    if let (Some(config), Some(path)) = (&config, &args.config.config) {
+        Reloader {
+            path: path.clone(),
+            flags: Flags::of(&args.pool),
+            open,
+            processor: Some(Arc::clone(&processor)),
+            ingest: Some(Arc::clone(&ingest)),
+        }
+        .start(config);
+    }
     let gateway = Gateway {
         intake: Arc::clone(&ingest) as Arc<dyn Intake>,
         ingests: vec![Arc::new(LocalIngest(ingest)) as Arc<dyn IngestPeer>],
@@ -110,7 +126,14 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
     println!(
         "  grpc       conveyor.v1.IngestService at {url} (with grpc.health.v1.Health and reflection)"
     );
-    println!("  sink       {}", args.pool.sink);
+    println!("  sink       {}", processor.routing().describe());
+    if let Some(path) = &args.config.config {
+        println!(
+            "  config     {} (kill -HUP {} reloads it)",
+            path.display(),
+            std::process::id()
+        );
+    }
     let draining = start_pool(&queue, &processor, args.serve.drain_timeout());
     serve_until_signal(
         listener,
@@ -180,6 +203,20 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
         }
     };
     let ingest = Arc::new(Ingest::new(publisher, event_limits(&args.events)));
+    if let Some(path) = &args.config.config {
+        let config = crate::pipelines::load(path)?;
+        Reloader {
+            path: path.clone(),
+            flags: Flags {
+                sink: DEFAULT_SINK_FLAG.parse().map_err(Failure::Config)?,
+                stages: Vec::new(),
+            },
+            open: Arc::default(),
+            processor: None,
+            ingest: Some(Arc::clone(&ingest)),
+        }
+        .start(&config);
+    }
     let readiness = Readiness::default();
     let limits = http_limits(&args.body, &args.batch);
     let routes = Router::new()
@@ -221,7 +258,20 @@ async fn ingest(args: IngestArgs) -> Result<(), Failure> {
 }
 
 async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
-    let (processor, queue) = build_processor(&args.queue, &args.pool).await?;
+    let config = load_config(args.config.config.as_deref())?;
+    let open = Arc::new(OpenSinks::default());
+    let (processor, queue) =
+        build_processor(&args.queue, &args.pool, config.as_ref(), &open).await?;
+    if let (Some(config), Some(path)) = (&config, &args.config.config) {
+        Reloader {
+            path: path.clone(),
+            flags: Flags::of(&args.pool),
+            open,
+            processor: Some(Arc::clone(&processor)),
+            ingest: None,
+        }
+        .start(config);
+    }
     let readiness = Readiness::default();
     let routes = conveyor_processor::http::routes(
         Arc::clone(&processor),
@@ -413,16 +463,23 @@ async fn open_queue(
     }
 }
 
+fn load_config(path: Option<&std::path::Path>) -> Result<Option<Config>, Failure> {
+    path.map(crate::pipelines::load).transpose()
+}
+
 async fn build_processor(
     queue_args: &QueueArgs,
     pool: &PoolArgs,
+    config: Option<&Config>,
+    open: &OpenSinks,
 ) -> Result<(Arc<WorkerPool>, Arc<dyn Queue>), Failure> {
-    let pipeline = Pipeline::parse(&pool.stages)
-        .map_err(|e| Failure::Config(format!("CONVEYOR_STAGES (--stage): {e}")))?;
-    let sink = pool
-        .sink
-        .open()
-        .map_err(|e| Failure::Config(format!("CONVEYOR_SINK (--sink): {e}")))?;
+    let routing = crate::pipelines::routing(config, &Flags::of(pool), open).map_err(|e| {
+        if config.is_some() {
+            Failure::Config(e)
+        } else {
+            Failure::Config(format!("CONVEYOR_SINK (--sink): {e}"))
+        }
+    })?;
     if pool.retry_backoff_max_ms < pool.retry_backoff_ms {
         return Err(Failure::Config(
             "CONVEYOR_RETRY_BACKOFF_MAX_MS (--retry-backoff-max-ms) must not be below CONVEYOR_RETRY_BACKOFF_MS".into(),
@@ -431,8 +488,7 @@ async fn build_processor(
     let (queue, dlq) = open_queue(queue_args, pool.dlq_capacity).await?;
     let processor = WorkerPool::new(
         Arc::clone(&queue),
-        pipeline,
-        sink,
+        routing,
         dlq,
         WorkerPoolConfig {
             workers: to_usize(pool.workers),

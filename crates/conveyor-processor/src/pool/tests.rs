@@ -18,6 +18,16 @@ fn backoff_doubles_and_is_capped() {
     assert_eq!(config.backoff(60), Duration::from_millis(350));
 }
 
+/// The `--stage` quick form: these shorthands, then a file sink at `path`.
+fn routing(stages: &[&str], path: &std::path::Path) -> Routing {
+    let stages: Vec<String> = stages.iter().map(|s| (*s).to_owned()).collect();
+    Routing::single(
+        conveyor_pipeline::Pipelines::from_shorthands(&stages).expect("stages"),
+        Arc::new(FileSink::open(path).expect("sink")),
+    )
+    .expect("routing")
+}
+
 fn event(id: &str, poison: bool) -> Event {
     let mut event = conveyor_queue::conformance::event(id);
     if poison {
@@ -33,8 +43,7 @@ async fn writes_good_events_once_and_dead_letters_poison_after_max_attempts() {
     let queue = MemoryQueue::new(MemoryQueueConfig::default());
     let processor = WorkerPool::new(
         Arc::new(queue.clone()),
-        Pipeline::parse(&["fail-if:poison=yes".into()]).expect("pipeline"),
-        Arc::new(FileSink::open(&path).expect("sink")),
+        routing(&["fail-if:poison=yes"], &path),
         Arc::new(MemoryDeadLetters::new(10)),
         WorkerPoolConfig {
             workers: 2,
@@ -81,8 +90,7 @@ async fn a_second_delivery_of_an_event_in_progress_waits_and_is_not_written_twic
     });
     let processor = WorkerPool::new(
         Arc::new(queue.clone()),
-        Pipeline::parse(&["cpu:20000".into()]).expect("pipeline"),
-        Arc::new(FileSink::open(&path).expect("sink")),
+        routing(&["cpu:20000"], &path),
         Arc::new(MemoryDeadLetters::new(10)),
         WorkerPoolConfig {
             workers: 2,

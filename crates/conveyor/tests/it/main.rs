@@ -17,6 +17,7 @@ mod nats;
 mod nats_cluster;
 mod nats_race;
 mod observability;
+mod pipelines;
 mod shutdown;
 mod split;
 mod tracing;

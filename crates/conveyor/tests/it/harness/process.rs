@@ -410,6 +410,10 @@ impl Conveyor {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Where this process's file sink is.
     pub fn sink_path(&self) -> &Path {
         &self.sink_path

@@ -63,6 +63,9 @@ const POOL: &[&str] = &[
 const PROCESSOR_RECORDED: &[&str] = &[
     "conveyor_fetch_batch_events",
     "conveyor_stage_duration_seconds",
+    "conveyor_stage_events_total",
+    "conveyor_pipeline_events_total",
+    "conveyor_sink_events_total",
     "conveyor_sink_write_duration_seconds",
     "conveyor_sink_batch_events",
     "conveyor_end_to_end_latency_seconds",
@@ -143,12 +146,29 @@ fn assert_processor_moved(service: &str, before: &Scrape, after: &Scrape) {
         after.get("conveyor_end_to_end_latency_seconds_bucket{le=\"+Inf\"}") >= 150.0,
         "{service}"
     );
-    // Every delivery (151 events, the poison one twice) went through the json stage.
+    // Every delivery (151 events, the poison one twice) went through the json stage, the
+    // first of the `--stage` pipeline (called `default`).
+    let json_stage = "{pipeline=\"default\",stage=\"1-json\"}";
     assert!(
-        after.get("conveyor_stage_duration_seconds_count{stage=\"json\"}")
-            - before.get("conveyor_stage_duration_seconds_count{stage=\"json\"}")
-            >= 152.0,
+        after.get(&format!(
+            "conveyor_stage_duration_seconds_count{json_stage}"
+        )) - before.get(&format!(
+            "conveyor_stage_duration_seconds_count{json_stage}"
+        )) >= 152.0,
         "{service}: json stage timings"
+    );
+    assert!(
+        moved("conveyor_stage_events_total") >= 152.0 * 2.0 - 2.0,
+        "{service}: every delivery through both stages"
+    );
+    assert_eq!(
+        moved("conveyor_sink_events_total"),
+        150.0,
+        "{service}: every written event counted at its sink"
+    );
+    assert!(
+        moved("conveyor_pipeline_events_total") >= 152.0 * 2.0,
+        "{service}: every delivery in and routed (or failed)"
     );
     assert!(
         moved("conveyor_worker_busy_seconds_total") > 0.0,
