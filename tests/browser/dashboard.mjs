@@ -96,6 +96,8 @@ try {
     e2eP50: await page.textContent("#e2e-p50"),
     e2eP99: await page.textContent("#e2e-p99"),
     status: await page.textContent("#system-status"),
+    pipelines: await page.$$eval("#pipelines tbody tr",
+      (rows) => rows.map((r) => ({ name: r.dataset.pipeline, in: Number(r.cells[1].textContent.replace(/[^0-9]/g, "")) }))),
     instances: await page.$$eval("#instances tbody tr",
       (rows) => rows.map((r) => ({ role: r.dataset.role, healthy: r.dataset.healthy === "true" }))),
   };
@@ -103,6 +105,9 @@ try {
   if (loads.length) fail("the page reloaded; it must update in place");
   if (errors.length) fail(`errors in the page: ${errors.join("; ")}`);
   if (after.accepted < before.accepted + EVENTS + 20) fail(`accepted shown ${after.accepted}`);
+  // Without a config file no pipeline matches: every event counts under "(unmatched)".
+  const unmatched = after.pipelines.find((p) => p.name === "(unmatched)");
+  if (!unmatched || unmatched.in < EVENTS + 20) fail(`pipelines shown ${JSON.stringify(after.pipelines)}`);
   console.log(JSON.stringify({ before, after }));
 } finally {
   await browser.close();

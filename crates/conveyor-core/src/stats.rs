@@ -163,9 +163,24 @@ pub struct ProcessorStats {
     /// Events held in the dead-letter queue now.
     pub dlq_size: u64,
     pub sink: String,
+    /// Each pipeline's events (from the config file, or `default` for `--stage`), and
+    /// `(unmatched)` for events no pipeline took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pipelines: Vec<PipelineStats>,
     /// The config file the pipelines come from, when there is one, and how its reloads went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<ConfigState>,
+}
+
+/// One pipeline's events since start: taken in, and what became of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStats {
+    pub name: String,
+    #[serde(rename = "in")]
+    pub events_in: u64,
+    pub routed: u64,
+    pub dropped: u64,
+    pub failed: u64,
 }
 
 /// A config file in use: where it is, when it was loaded, and its reloads (SIGHUP).

@@ -145,8 +145,26 @@ fn sum_processors(reports: &[(String, Report<ProcessorStats>)]) -> ProcessorStat
         pool,
         dlq_size: all.iter().map(|s| s.dlq_size).sum(),
         sink: all.first().map(|s| s.sink.clone()).unwrap_or_default(),
+        pipelines: sum_pipelines(&all),
         config: all.iter().find_map(|s| s.config.clone()),
     }
+}
+
+/// Each pipeline's figures summed over the processors, by name, in first-seen order.
+fn sum_pipelines(all: &[&ProcessorStats]) -> Vec<conveyor_core::stats::PipelineStats> {
+    let mut sum: Vec<conveyor_core::stats::PipelineStats> = Vec::new();
+    for pipeline in all.iter().flat_map(|s| &s.pipelines) {
+        match sum.iter_mut().find(|p| p.name == pipeline.name) {
+            Some(into) => {
+                into.events_in += pipeline.events_in;
+                into.routed += pipeline.routed;
+                into.dropped += pipeline.dropped;
+                into.failed += pipeline.failed;
+            }
+            None => sum.push(pipeline.clone()),
+        }
+    }
+    sum
 }
 
 /// Memory queues are one per processor, so they add up. Processors on a broker all see the

@@ -237,6 +237,7 @@ impl WorkerPool {
             },
             dlq_size: self.dlq.size().await,
             sink: self.routing().describe(),
+            pipelines: self.routing().pipeline_stats(),
             config: self
                 .config_state
                 .lock()

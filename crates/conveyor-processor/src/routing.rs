@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use conveyor_api::histogram::LocalHistogram;
 use conveyor_core::Event;
+use conveyor_core::stats::PipelineStats;
 use conveyor_pipeline::{DEFAULT_SINK, Observer, Outcome, Pipelines, StageResult};
 
 use crate::metrics::{self, PipelineSeries, SinkSeries, StageSeries};
@@ -95,6 +96,26 @@ impl Routing {
                 .collect::<Vec<_>>()
                 .join(", "),
         }
+    }
+
+    /// Each pipeline's figures since start (the process's series, which outlive reloads), then
+    /// the unmatched events'.
+    pub fn pipeline_stats(&self) -> Vec<PipelineStats> {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        self.pipelines
+            .pipelines
+            .iter()
+            .map(|p| &*p.name)
+            .zip(self.series.iter().map(|(s, _)| *s))
+            .chain(std::iter::once((metrics::UNMATCHED, self.unmatched)))
+            .map(|(name, s)| PipelineStats {
+                name: name.to_owned(),
+                events_in: load(&s.events),
+                routed: load(&s.routed),
+                dropped: load(&s.dropped),
+                failed: load(&s.failed),
+            })
+            .collect()
     }
 
     pub fn is_cpu_heavy(&self) -> bool {

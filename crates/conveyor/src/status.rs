@@ -117,6 +117,7 @@ pub fn table(gateway: &str, status: &Value) -> String {
     let keys = [
         "accepted",
         "processed",
+        "dropped",
         "failed",
         "retried",
         "dead_lettered",
@@ -161,6 +162,44 @@ pub fn table(gateway: &str, status: &Value) -> String {
     ];
     out.push_str(&columns(&rows));
 
+    let pipelines = processor["pipelines"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !pipelines.is_empty() {
+        out.push('\n');
+        rows = vec![
+            ["PIPELINE", "IN", "ROUTED", "DROPPED", "FAILED"]
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+        ];
+        for pipeline in &pipelines {
+            rows.push(vec![
+                pipeline["name"].as_str().unwrap_or("-").to_owned(),
+                num(&pipeline["in"]),
+                num(&pipeline["routed"]),
+                num(&pipeline["dropped"]),
+                num(&pipeline["failed"]),
+            ]);
+        }
+        out.push_str(&columns(&rows));
+    }
+    if let Some(config) = processor["config"].as_object() {
+        let _ = writeln!(
+            out,
+            "\nconfig {}: {} reloads applied, {} refused{}",
+            config.get("path").and_then(Value::as_str).unwrap_or("-"),
+            config.get("reloads_applied").map_or("0".into(), num),
+            config.get("reloads_refused").map_or("0".into(), num),
+            config
+                .get("last_refusal")
+                .and_then(Value::as_str)
+                .map(|why| format!(" (last refused: {})", why.lines().next().unwrap_or(why)))
+                .unwrap_or_default()
+        );
+    }
+
     out.push('\n');
     rows = vec![vec![
         "ROLE".into(),
@@ -203,5 +242,31 @@ mod tests {
             vec!["1,000".into(), "x".into()],
         ]);
         assert_eq!(text, "A      NAME\n1,000  x\n");
+    }
+
+    #[test]
+    fn the_table_shows_dropped_events_pipelines_and_the_config_file() {
+        let status = serde_json::json!({
+            "status": "ok",
+            "gateway": {"ready": true},
+            "totals": {"accepted": 10, "processed": 6, "dropped": 3, "dead_lettered": 1},
+            "processor": {"stats": {
+                "queue": {}, "pool": {},
+                "pipelines": [{"name": "sensors", "in": 10, "routed": 6, "dropped": 3, "failed": 1}],
+                "config": {"path": "c.toml", "reloads_applied": 2, "reloads_refused": 1,
+                           "last_refusal": "c.toml:3:5: jq: expected term\nmore"},
+            }},
+            "instances": [],
+        });
+        let text = table("http://g", &status);
+        assert!(text.contains("DROPPED"), "{text}");
+        assert!(
+            text.contains("sensors   10       6        3       1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("config c.toml: 2 reloads applied, 1 refused (last refused: c.toml:3:5: jq: expected term)"),
+            "{text}"
+        );
     }
 }

@@ -116,3 +116,114 @@ async fn a_second_delivery_of_an_event_in_progress_waits_and_is_not_written_twic
         stats.pool
     );
 }
+
+/// A file sink whose first `failures` writes fail (a sink that is down for a while).
+struct FlakySink {
+    inner: FileSink,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl crate::sink::Sink for FlakySink {
+    async fn write(
+        &self,
+        events: &[Event],
+        processed_at_ms: u64,
+    ) -> Result<(), crate::sink::SinkError> {
+        let left = self.failures.load(Ordering::Relaxed);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::Relaxed);
+            return Err(crate::sink::SinkError {
+                sink: "flaky".into(),
+                message: "down for a while".into(),
+            });
+        }
+        self.inner.write(events, processed_at_ms).await
+    }
+
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+}
+
+#[tokio::test]
+async fn fan_out_retries_only_the_sink_that_failed_and_writes_each_sink_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (steady_path, flaky_path) = (dir.path().join("steady"), dir.path().join("flaky"));
+    let config = conveyor_pipeline::Config::parse(
+        std::path::Path::new("fan-out.toml"),
+        r#"
+[defaults]
+route = ["steady"]
+
+[sinks.steady]
+type = "blackhole"
+
+[sinks.flaky]
+type = "blackhole"
+
+[[pipelines]]
+name = "both"
+route = [ { to = ["steady", "flaky"] } ]
+"#,
+    )
+    .expect("config");
+    let routing = Routing::new(
+        config.pipelines,
+        vec![
+            (
+                "steady".to_owned(),
+                Arc::new(FileSink::open(&steady_path).expect("sink")) as Arc<dyn crate::sink::Sink>,
+            ),
+            (
+                "flaky".to_owned(),
+                Arc::new(FlakySink {
+                    inner: FileSink::open(&flaky_path).expect("sink"),
+                    failures: 3.into(),
+                }),
+            ),
+        ],
+    )
+    .expect("routing");
+    let queue = MemoryQueue::new(MemoryQueueConfig::default());
+    let processor = WorkerPool::new(
+        Arc::new(queue.clone()),
+        routing,
+        Arc::new(MemoryDeadLetters::new(10)),
+        WorkerPoolConfig {
+            workers: 2,
+            batch_size: 16,
+            max_attempts: 10,
+            backoff_initial: Duration::from_millis(5),
+            ..WorkerPoolConfig::default()
+        },
+    );
+    queue.try_publish((0..100).map(|i| event(&format!("f-{i}"), false)).collect());
+    let mut workers = processor.start();
+    assert!(
+        processor.drain(&mut workers, Duration::from_secs(20)).await,
+        "drains"
+    );
+    for path in [&steady_path, &flaky_path] {
+        let text = std::fs::read_to_string(path).expect("sink file");
+        let mut ids: Vec<&str> = text
+            .lines()
+            .map(|l| l.split('"').nth(3).expect("an id"))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(
+            (text.lines().count(), ids.len()),
+            (100, 100),
+            "{}: every event once",
+            path.display()
+        );
+    }
+    let stats = processor.stats().await;
+    assert_eq!(stats.pool.processed, 100);
+    assert!(
+        stats.pool.retried >= 3,
+        "the flaky sink's events were retried: {:?}",
+        stats.pool
+    );
+}
