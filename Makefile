@@ -24,6 +24,7 @@ bench:
 	cargo bench -p conveyor-queue --bench memory_queue
 	cargo bench -p conveyor-processor --bench worker_pool
 	cargo bench -p conveyor-core --bench decode
+	cargo bench -p conveyor-pipeline --bench stages
 	cargo bench -p conveyor-proto --bench protobuf
 	cargo bench -p conveyor-queue-nats --bench nats_path
 	cargo bench -p conveyor-queue-kafka --bench kafka_path

@@ -17,8 +17,9 @@ use crate::jq::{parse_json, write_json};
 
 const FIELDS: [&str; 6] = ["id", "source", "timestamp", "data", "metadata", "attempt"];
 
-fn key(name: &str) -> Val {
-    Val::utf8_str(Bytes::copy_from_slice(name.as_bytes()))
+/// A field name: static bytes, so making one per lookup costs no allocation.
+fn key(name: &'static str) -> Val {
+    Val::utf8_str(Bytes::from_static(name.as_bytes()))
 }
 
 fn string(text: &str) -> Val {
@@ -70,10 +71,9 @@ pub fn from_value(event: &Event, value: Val, id: Arc<str>) -> Result<Event, Stri
             FIELDS.join(", ")
         ));
     }
-    let original = to_value_fields(event);
-    for (field, was) in &original {
+    for field in ["id", "source", "timestamp", "attempt"] {
         match object.get(&key(field)) {
-            Some(now) if now == was => {}
+            Some(now) if is_unchanged(event, field, now) => {}
             Some(_) => {
                 return Err(format!(
                     "the program changed `{field}`; only `data` and `metadata` may change"
@@ -148,17 +148,16 @@ pub fn from_value(event: &Event, value: Val, id: Arc<str>) -> Result<Event, Stri
     })
 }
 
-/// The fields a program may not change, as it was given them.
-fn to_value_fields(event: &Event) -> [(&'static str, Val); 4] {
-    [
-        ("id", string(&event.id)),
-        ("source", string(&event.source)),
-        (
-            "timestamp",
-            Val::from(usize::try_from(event.timestamp_ms).unwrap_or(usize::MAX)),
-        ),
-        ("attempt", Val::from(event.attempt as usize)),
-    ]
+/// Whether `now`, a program's output for one of the fields it may not change, is what it was
+/// given (compared without making the given value again).
+fn is_unchanged(event: &Event, field: &str, now: &Val) -> bool {
+    let text = |given: &str| matches!(now, Val::TStr(bytes) if &***bytes == given.as_bytes());
+    match field {
+        "id" => text(&event.id),
+        "source" => text(&event.source),
+        "timestamp" => *now == Val::from(usize::try_from(event.timestamp_ms).unwrap_or(usize::MAX)),
+        _ => *now == Val::from(event.attempt as usize),
+    }
 }
 
 fn is_key(value: &Val, name: &str) -> bool {
