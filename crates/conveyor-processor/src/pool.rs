@@ -535,9 +535,10 @@ impl WorkerPool {
     /// Writes every routed output to its sinks, one write call per sink (all sinks at once);
     /// per event, `None` when every sink it was routed to confirmed it, or the first error.
     ///
-    /// An event with more than one destination (several sinks, or split into several events)
-    /// is remembered per sink as each confirms, so its retry after a partial failure writes
-    /// only to the sinks that did not.
+    /// An event with more than one destination (several sinks, or split into several events),
+    /// and any event when the routing has several sinks, is remembered per sink as each
+    /// confirms, so its retry after a partial failure (or its redelivery after a crash, the
+    /// window seeded from the sinks) writes only to the sinks that did not have it.
     async fn write_routed(
         &self,
         routing: &Routing,
@@ -546,9 +547,15 @@ impl WorkerPool {
         let mut batches: Vec<(Vec<Event>, Vec<usize>)> =
             routing.sinks().iter().map(|_| Default::default()).collect();
         let mut errors: Vec<Option<String>> = vec![None; routed.len()];
+        // Tracked per sink: an event with more than one destination, and every event when there
+        // are several sinks (the per-event window is then not seeded from the sinks after a
+        // restart, so this one is what keeps a redelivery out of the sink that has it).
+        let several_sinks = routing.sinks().len() > 1;
         let multi: Vec<bool> = routed
             .iter()
-            .map(|(_, _, outputs)| outputs.iter().map(|o| o.sinks.len()).sum::<usize>() > 1)
+            .map(|(_, _, outputs)| {
+                several_sinks || outputs.iter().map(|o| o.sinks.len()).sum::<usize>() > 1
+            })
             .collect();
         {
             let partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
