@@ -78,6 +78,27 @@ stop "$PID"
 start run-batch "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink blackhole
 scenario "conveyor run, HTTP NDJSON x1000, 4 conn" run-batch batch 4
 stop "$PID"
+# The same with a pipeline of every kind of stage over the generator's events (docs/PIPELINES.md):
+# a schema, a jq transform, a filter and a route condition; compare with the row above.
+cat >"$out/schema.json" <<'JSON'
+{"type": "object", "required": ["pad"], "properties": {"pad": {"type": "string"}}}
+JSON
+cat >"$out/pipeline.toml" <<TOML
+[sinks.big]
+type = "blackhole"
+
+[[pipelines]]
+name = "bench"
+stages = [
+  { validate = "schema.json" },
+  { transform = '.data.len = (.data.pad | length) | .metadata.seen = "yes"' },
+  { filter = '.data.len > 0' },
+]
+route = [ { when = '.data.len > 1000000', to = ["big"] }, { to = ["default"] } ]
+TOML
+start run-pipeline "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink blackhole --config "$out/pipeline.toml"
+scenario "conveyor run, HTTP NDJSON x1000, 4 conn, pipeline (validate, transform, filter, route)" run-pipeline batch 4
+stop "$PID"
 start run-file "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink "file:$out/run.ndjson"
 scenario "conveyor run, HTTP NDJSON x1000, 4 conn, file sink" run-file batch 4
 stop "$PID"

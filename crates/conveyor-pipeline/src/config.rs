@@ -21,7 +21,8 @@ use crate::schema::{DoorSchemas, Schema};
 use crate::shorthand::Shorthand;
 use crate::testing::TestCase;
 
-/// One problem in a config file, where it is.
+/// One problem in a config file, where it is (line and column from 1; line 0 when the problem
+/// is the file as a whole).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub file: PathBuf,
@@ -32,6 +33,10 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            // About the file as a whole (it cannot be read): no place in it.
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",

@@ -97,8 +97,8 @@ struct RunState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spent {
-    Steps(u64),
-    Time(Duration),
+    Steps,
+    Time,
 }
 
 fn step_fun() -> jaq_core::native::Fun<Data> {
@@ -107,12 +107,12 @@ fn step_fun() -> jaq_core::native::Fun<Data> {
             let mut state = run.get()?;
             if state.spent.is_none() {
                 if state.steps_left == 0 {
-                    state.spent = Some(Spent::Steps(0));
+                    state.spent = Some(Spent::Steps);
                 } else {
                     state.steps_left -= 1;
                     // The clock is read every 256 steps: cheap, and fine-grained enough.
                     if state.steps_left % 256 == 0 && Instant::now() > state.deadline {
-                        state.spent = Some(Spent::Time(Duration::ZERO));
+                        state.spent = Some(Spent::Time);
                     }
                 }
                 run.set(Some(state));
@@ -173,76 +173,59 @@ impl Program {
     /// Runs the program on `input`; every output, or why the run failed (an error the program
     /// raised, or its budget spent).
     pub fn run(&self, input: Val, budget: &Budget) -> Result<Vec<Val>, String> {
-        let started = Instant::now();
-        let previous = RUN.replace(Some(RunState {
-            steps_left: budget.steps,
-            deadline: started + budget.time,
-            spent: None,
-        }));
-        let result = self.run_unguarded(input, budget);
-        let state = RUN.replace(previous);
-        if let Some(spent) = state.and_then(|s| s.spent) {
-            return Err(match spent {
-                Spent::Steps(_) => format!(
-                    "the program ran more than {} generator steps (repeat, range, recurse, ...)",
-                    budget.steps
-                ),
-                Spent::Time(_) => format!(
-                    "the program ran longer than its budget of {:?}",
-                    budget.time
-                ),
-            });
-        }
-        result
-    }
-
-    fn run_unguarded(&self, input: Val, budget: &Budget) -> Result<Vec<Val>, String> {
-        let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new([]));
-        let mut outputs = Vec::new();
-        for output in self.filter.id.run((ctx, input)).map(unwrap_valr) {
-            let value = output.map_err(|error| format!("jq error: {error}"))?;
-            if outputs.len() == budget.outputs {
-                return Err(format!(
-                    "the program gave more than {} outputs",
-                    budget.outputs
-                ));
+        self.budgeted(input, budget, |outputs| {
+            let mut kept = Vec::new();
+            for output in outputs {
+                let value = output.map_err(|error| format!("jq error: {error}"))?;
+                if kept.len() == budget.outputs {
+                    return Err(format!(
+                        "the program gave more than {} outputs",
+                        budget.outputs
+                    ));
+                }
+                kept.push(value);
             }
-            outputs.push(value);
-        }
-        Ok(outputs)
+            Ok(kept)
+        })
     }
 
     /// Runs the program as a predicate: its first output, read as jq reads a condition (false
-    /// and null are false); no output is false.
+    /// and null are false); no output is false. The outputs after the first are not computed.
     pub fn test(&self, input: Val, budget: &Budget) -> Result<bool, String> {
-        let first = Budget {
-            outputs: 1,
-            ..*budget
-        };
-        // A predicate with several outputs answers with its first; the rest are not computed.
-        let started = Instant::now();
+        self.budgeted(input, budget, |outputs| match outputs.next() {
+            None => Ok(false),
+            Some(Ok(value)) => Ok(jaq_core::ValT::as_bool(&value)),
+            Some(Err(error)) => Err(format!("jq error: {error}")),
+        })
+    }
+
+    /// Runs the program on `input` under `budget`, handing its outputs to `take`; a spent
+    /// budget fails the run whatever `take` made of them.
+    fn budgeted<T>(
+        &self,
+        input: Val,
+        budget: &Budget,
+        take: impl FnOnce(&mut dyn Iterator<Item = jaq_core::ValR<Val>>) -> Result<T, String>,
+    ) -> Result<T, String> {
         let previous = RUN.replace(Some(RunState {
             steps_left: budget.steps,
-            deadline: started + budget.time,
+            deadline: Instant::now() + budget.time,
             spent: None,
         }));
         let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new([]));
-        let answer = self
-            .filter
-            .id
-            .run((ctx, input))
-            .map(unwrap_valr)
-            .next()
-            .transpose()
-            .map_err(|error| format!("jq error: {error}"));
+        let result = take(&mut self.filter.id.run((ctx, input)).map(unwrap_valr));
         let state = RUN.replace(previous);
-        if state.and_then(|s| s.spent).is_some() {
-            return Err(format!(
-                "the condition ran past its budget ({} steps, {:?})",
-                first.steps, first.time
-            ));
+        match state.and_then(|s| s.spent) {
+            Some(Spent::Steps) => Err(format!(
+                "the program ran more than {} generator steps (repeat, range, recurse, ...)",
+                budget.steps
+            )),
+            Some(Spent::Time) => Err(format!(
+                "the program ran longer than its budget of {:?}",
+                budget.time
+            )),
+            None => result,
         }
-        Ok(answer?.is_some_and(|value| jaq_core::ValT::as_bool(&value)))
     }
 }
 

@@ -68,11 +68,11 @@ impl WorkerPoolConfig {
 }
 
 /// An event that failed: the event as it came from the queue, and why.
-pub struct Failed {
-    pub event: Event,
-    pub error: String,
+struct Failed {
+    event: Event,
+    error: String,
     /// Whether a retry could help; a permanent failure goes to the DLQ at once.
-    pub retryable: bool,
+    retryable: bool,
 }
 
 #[derive(Default)]
