@@ -222,6 +222,7 @@ impl WorkerPool {
 
     pub async fn stats(&self) -> ProcessorStats {
         let c = &self.counters;
+        let routing = self.routing();
         ProcessorStats {
             queue: self.queue.stats().await,
             pool: PoolStats {
@@ -236,8 +237,8 @@ impl WorkerPool {
                 active: c.active.load(Ordering::Relaxed),
             },
             dlq_size: self.dlq.size().await,
-            sink: self.routing().describe(),
-            pipelines: self.routing().pipeline_stats(),
+            sink: routing.describe(),
+            pipelines: routing.pipeline_stats(),
             config: self
                 .config_state
                 .lock()

@@ -25,8 +25,8 @@ use conveyor_queue::{
 use tokio::net::TcpListener;
 
 use crate::cli::{
-    BatchArgs, BodyArgs, Command, CompositeStrategy, DEFAULT_SINK_FLAG, EventArgs, GatewayArgs,
-    IngestArgs, PoolArgs, ProcessorArgs, QueueArgs, QueueType, RunArgs,
+    BatchArgs, BodyArgs, Command, CompositeStrategy, ConfigArgs, DEFAULT_SINK_FLAG, EventArgs,
+    GatewayArgs, IngestArgs, PoolArgs, ProcessorArgs, QueueArgs, QueueType, RunArgs,
 };
 use crate::failure::Failure;
 use crate::pipelines::{Flags, OpenSinks, Reloader};
@@ -98,16 +98,14 @@ async fn all_in_one(args: RunArgs) -> Result<(), Failure> {
         queue.clone() as Arc<dyn Publisher>,
         event_limits(&args.events),
     ));
-    if let (Some(config), Some(path)) = (&config, &args.config.config) {
-        Reloader {
-            path: path.clone(),
-            flags: Flags::of(&args.pool),
-            open,
-            processor: Some(Arc::clone(&processor)),
-            ingest: Some(Arc::clone(&ingest)),
-        }
-        .start(config);
-    }
+    reload_on_hangup(
+        config.as_ref(),
+        &args.config,
+        &args.pool,
+        open,
+        &processor,
+        Some(&ingest),
+    );
     let gateway = Gateway {
         intake: Arc::clone(&ingest) as Arc<dyn Intake>,
         ingests: vec![Arc::new(LocalIngest(ingest)) as Arc<dyn IngestPeer>],
@@ -262,16 +260,14 @@ async fn processor(args: ProcessorArgs) -> Result<(), Failure> {
     let open = Arc::new(OpenSinks::default());
     let (processor, queue) =
         build_processor(&args.queue, &args.pool, config.as_ref(), &open).await?;
-    if let (Some(config), Some(path)) = (&config, &args.config.config) {
-        Reloader {
-            path: path.clone(),
-            flags: Flags::of(&args.pool),
-            open,
-            processor: Some(Arc::clone(&processor)),
-            ingest: None,
-        }
-        .start(config);
-    }
+    reload_on_hangup(
+        config.as_ref(),
+        &args.config,
+        &args.pool,
+        open,
+        &processor,
+        None,
+    );
     let readiness = Readiness::default();
     let routes = conveyor_processor::http::routes(
         Arc::clone(&processor),
@@ -460,6 +456,28 @@ async fn open_queue(
                 primary_dlq.unwrap_or_else(unused_dlq),
             ))
         }
+    }
+}
+
+/// With a config file: applies what it says to the pool (and ingest, in `run`) and re-reads
+/// it on SIGHUP. The two roles with a worker pool share this.
+fn reload_on_hangup(
+    config: Option<&Config>,
+    args: &ConfigArgs,
+    pool: &PoolArgs,
+    open: Arc<OpenSinks>,
+    processor: &Arc<WorkerPool>,
+    ingest: Option<&Arc<Ingest>>,
+) {
+    if let (Some(config), Some(path)) = (config, &args.config) {
+        Reloader {
+            path: path.clone(),
+            flags: Flags::of(pool),
+            open,
+            processor: Some(Arc::clone(processor)),
+            ingest: ingest.map(Arc::clone),
+        }
+        .start(config);
     }
 }
 
