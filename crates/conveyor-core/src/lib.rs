@@ -9,6 +9,7 @@ pub mod body;
 pub mod display;
 pub mod error;
 pub mod event;
+pub mod retry;
 pub mod stats;
 pub mod trace;
 pub mod validate;

@@ -183,7 +183,7 @@ fn seed() -> u64 {
     hasher.finish()
 }
 
-fn next_u64() -> u64 {
+pub(crate) fn next_u64() -> u64 {
     RNG.with(|state| {
         let mut z = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
         state.set(z);

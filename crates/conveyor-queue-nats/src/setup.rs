@@ -9,7 +9,6 @@
 //! in the end is checked against the settings conveyor needs (a stream someone else created
 //! with other semantics is refused, not used).
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, AckPolicy, FromConsumer, PullConsumer, pull};
@@ -101,18 +100,10 @@ impl Backoff {
         tracing::info!(what = %self.what, attempt = self.attempts, answer = %last,
             "JetStream set-up not settled yet (another role creating it, or the cluster electing); retrying");
         // Roles that collided once must not collide again in lockstep: up to +100% jitter.
-        let jitter = self.delay.mul_f64(random_fraction());
-        tokio::time::sleep(self.delay + jitter).await;
+        tokio::time::sleep(conveyor_core::retry::with_jitter(self.delay, 1.0)).await;
         self.delay = (self.delay * 2).min(MAX_BACKOFF);
         Ok(())
     }
-}
-
-/// A fraction in [0, 1) from the std hasher's random keys: jitter needs no RNG crate.
-fn random_fraction() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Finds the stream `wanted.name`, or creates it with `wanted`; then checks that what exists

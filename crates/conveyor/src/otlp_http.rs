@@ -21,8 +21,7 @@ pub fn backoff(attempt: u32) -> Duration {
     let base = FIRST_BACKOFF
         .saturating_mul(1 << attempt.saturating_sub(1).min(10))
         .min(MAX_BACKOFF);
-    let jitter = u64::from(conveyor_core::trace::random_span_id()[0]) * 50 / 255;
-    base + base * u32::try_from(jitter).unwrap_or(0) / 100
+    conveyor_core::retry::with_jitter(base, 0.5)
 }
 
 /// Whether an answer with `status` is worth another attempt.
