@@ -33,6 +33,43 @@ if [ ! -x "$tansu_bin" ]; then
 fi
 echo "tansu: $tansu_bin"
 
+# The PostgreSQL sink tests create a database of their own per test on the server named by
+# CONVEYOR_TEST_POSTGRES_URL: the machine's (127.0.0.1:5432, trust auth) when it answers, else
+# a private one started here (initdb in a temp dir, a random port), stopped when the suite ends.
+if ! command -v psql >/dev/null; then
+  echo "psql not found; installing the Debian package postgresql-client"
+  apt_install postgresql-client
+fi
+if [ -z "${CONVEYOR_TEST_POSTGRES_URL:-}" ]; then
+  if psql "postgres://postgres@127.0.0.1:5432/postgres" -XAtqc "select 1" >/dev/null 2>&1; then
+    export CONVEYOR_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/postgres"
+  else
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+    if [ -z "$pg_bin" ]; then
+      echo "no PostgreSQL answers on 127.0.0.1:5432 and none is installed; installing the Debian package postgresql"
+      apt_install postgresql
+      pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    fi
+    pg_dir=$(mktemp -d)
+    pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    pg_user=$(id -un)
+    # initdb refuses to run as root: the private server runs as the user `postgres` then.
+    if [ "$(id -u)" = 0 ]; then
+      id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+      chown postgres "$pg_dir"
+      as_pg() { su postgres -s /bin/sh -c "$*"; }
+      pg_user=postgres
+    else
+      as_pg() { sh -c "$*"; }
+    fi
+    as_pg "$pg_bin/initdb -D $pg_dir/data -U $pg_user --auth=trust -E UTF8 >/dev/null"
+    as_pg "$pg_bin/pg_ctl -D $pg_dir/data -o '-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1' -l $pg_dir/log -w start >/dev/null"
+    trap 'as_pg "$pg_bin/pg_ctl -D $pg_dir/data -m fast stop" >/dev/null 2>&1 || true' EXIT
+    export CONVEYOR_TEST_POSTGRES_URL="postgres://$pg_user@127.0.0.1:$pg_port/postgres"
+  fi
+fi
+echo "PostgreSQL for the tests: $CONVEYOR_TEST_POSTGRES_URL"
+
 # observability test dependencies
 # promtool (Debian package `prometheus`) checks live /metrics output, the scrape configs and
 # the alert rules (crates/conveyor/tests/it/observability/).

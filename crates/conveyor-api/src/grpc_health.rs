@@ -94,7 +94,7 @@ async fn report(
                 reporter.set_service_status(name, status).await;
             }
             match answer {
-                Ok(()) => tracing::info!("gRPC health: SERVING"),
+                Ok(_) => tracing::info!("gRPC health: SERVING"),
                 Err(reason) => tracing::info!(%reason, "gRPC health: NOT_SERVING"),
             }
         }
@@ -136,7 +136,7 @@ mod tests {
             let up = up.load(Ordering::Acquire);
             Box::pin(async move {
                 if up {
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err("queue down".to_owned())
                 }

@@ -169,22 +169,28 @@ impl Readiness {
     }
 }
 
-/// Asks whether what this service depends on (its queue) is usable: `Err` names why not.
+/// Asks whether what this service depends on (its queue) is usable: `Err` names why not;
+/// `Ok` may carry a detail for `/ready`'s answer (e.g. the sinks' health, which does not decide
+/// readiness: a sink that is down backs the queue up, and the queue's bound answers for it).
 pub type ReadyProbe = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
-        + Send
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Option<serde_json::Value>, String>> + Send>,
+        > + Send
         + Sync,
 >;
 
 /// Whether this process should get new work, as `/ready` and the gRPC health service answer:
 /// not once shutdown began, nor while `probe` reports a dependency down (`Err` names why).
-pub async fn ready(readiness: &Readiness, probe: Option<&ReadyProbe>) -> Result<(), String> {
+pub async fn ready(
+    readiness: &Readiness,
+    probe: Option<&ReadyProbe>,
+) -> Result<Option<serde_json::Value>, String> {
     if !readiness.is_ready() {
         return Err("shutting down".into());
     }
     match probe {
         Some(probe) => probe().await,
-        None => Ok(()),
+        None => Ok(None),
     }
 }
 
@@ -204,10 +210,15 @@ pub fn health_routes(readiness: Readiness, probe: Option<ReadyProbe>) -> Router 
                 let probe = probe.clone();
                 async move {
                     match ready(&readiness, probe.as_ref()).await {
-                        Ok(()) => (
-                            StatusCode::OK,
-                            axum::Json(serde_json::json!({"status": "ready"})),
-                        ),
+                        Ok(detail) => {
+                            let mut body = serde_json::json!({"status": "ready"});
+                            if let (Some(body), Some(serde_json::Value::Object(detail))) =
+                                (body.as_object_mut(), detail)
+                            {
+                                body.extend(detail);
+                            }
+                            (StatusCode::OK, axum::Json(body))
+                        }
                         Err(reason) => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             axum::Json(

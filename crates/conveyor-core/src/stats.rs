@@ -167,6 +167,9 @@ pub struct ProcessorStats {
     /// `(unmatched)` for events no pipeline took.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pipelines: Vec<PipelineStats>,
+    /// Each named sink: what it wrote, and whether it is taking writes now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<SinkStats>,
     /// The config file the pipelines come from, when there is one, and how its reloads went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<ConfigState>,
@@ -181,6 +184,31 @@ pub struct PipelineStats {
     pub routed: u64,
     pub dropped: u64,
     pub failed: u64,
+}
+
+/// One named sink since start, and its health now. A sink is healthy while its last write
+/// reached it and was answered (written, or refused for good); it is unhealthy while writes
+/// fail in a way worth retrying (down, timing out, 5xx), and its events wait in the queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkStats {
+    pub name: String,
+    /// What it writes to, without secrets (e.g. `postgres://db:5432/app?table=events`).
+    pub target: String,
+    pub healthy: bool,
+    /// Events confirmed written.
+    pub written: u64,
+    /// Events whose write failed and will be retried.
+    pub retried: u64,
+    /// Events the sink refused for good (sent to the DLQ).
+    pub rejected: u64,
+    /// Writes under way now.
+    pub in_flight: u64,
+    /// Since when (ms since the epoch) writes have been failing, while unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since_ms: Option<u64>,
+    /// The last error the sink gave (kept after it recovered, for the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A config file in use: where it is, when it was loaded, and its reloads (SIGHUP).

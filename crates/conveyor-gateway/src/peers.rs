@@ -35,6 +35,11 @@ pub trait ProcessorPeer: Send + Sync {
     async fn report(&self) -> Report<ProcessorStats>;
     async fn dead_letters(&self, limit: usize) -> Result<DeadLetterList, String>;
     async fn replay(&self, ids: Option<&[String]>) -> Result<ReplayReport, String>;
+    /// The sinks' health for `/ready`'s detail, for a processor in this process (one in
+    /// another process shows it on its own `/ready`).
+    fn ready_detail(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 fn health_report<T>(health: Health, stats: T) -> Report<T> {
@@ -87,6 +92,10 @@ impl ProcessorPeer for LocalProcessor {
 
     async fn replay(&self, ids: Option<&[String]>) -> Result<ReplayReport, String> {
         Ok(self.0.replay(ids).await)
+    }
+
+    fn ready_detail(&self) -> Option<serde_json::Value> {
+        Some(self.0.routing().ready_detail())
     }
 }
 

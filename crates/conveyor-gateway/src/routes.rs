@@ -47,10 +47,22 @@ pub fn router(gateway: Gateway) -> Router {
     service_router(
         routes,
         gateway.readiness.clone(),
-        Some(conveyor_ingest::ready_probe(Arc::clone(&gateway.intake))),
+        Some(ready_probe(&gateway)),
         gateway.metrics.clone(),
         move || render_metrics(scrape.clone()),
     )
+}
+
+/// Ready while ingest can accept events; the detail shows the sinks of a processor in this
+/// process (`conveyor run`).
+fn ready_probe(gateway: &Gateway) -> conveyor_api::ReadyProbe {
+    let intake = conveyor_ingest::ready_probe(Arc::clone(&gateway.intake));
+    let processors = gateway.processors.clone();
+    Arc::new(move || {
+        let intake = Arc::clone(&intake);
+        let detail = processors.iter().find_map(|p| p.ready_detail());
+        Box::pin(async move { intake().await.map(|own| own.or(detail)) })
+    })
 }
 
 async fn system_status(State(gateway): State<Gateway>) -> axum::Json<status::SystemStatus> {

@@ -33,7 +33,7 @@ pub struct GatewaySummary {
 /// The whole system as the gateway sees it.
 #[derive(Debug, Serialize)]
 pub struct SystemStatus {
-    /// `ok` when every instance is healthy, else `degraded`.
+    /// `ok` when every instance and every sink is healthy, else `degraded`.
     pub status: &'static str,
     pub gateway: GatewaySummary,
     pub ingest: RoleSummary<IngestStats>,
@@ -74,7 +74,10 @@ pub async fn collect(
     push_instances(&mut instances, "ingest", ingest_reports);
     push_instances(&mut instances, "processor", processor_reports);
     let totals = totals(&ingest.stats, &processor.stats);
-    let healthy = ingest.healthy && processor.healthy;
+    // A sink that cannot take writes is a degraded system even though every process is up:
+    // its events are piling up in the queue.
+    let sinks_healthy = processor.stats.sinks.iter().all(|s| s.healthy);
+    let healthy = ingest.healthy && processor.healthy && sinks_healthy;
     SystemStatus {
         status: if healthy && ready { "ok" } else { "degraded" },
         gateway: GatewaySummary {
@@ -146,6 +149,7 @@ fn sum_processors(reports: &[(String, Report<ProcessorStats>)]) -> ProcessorStat
         dlq_size: all.iter().map(|s| s.dlq_size).sum(),
         sink: all.first().map(|s| s.sink.clone()).unwrap_or_default(),
         pipelines: sum_pipelines(&all),
+        sinks: sum_sinks(&all),
         config: all.iter().find_map(|s| s.config.clone()),
     }
 }
@@ -162,6 +166,32 @@ fn sum_pipelines(all: &[&ProcessorStats]) -> Vec<conveyor_core::stats::PipelineS
                 into.failed += pipeline.failed;
             }
             None => sum.push(pipeline.clone()),
+        }
+    }
+    sum
+}
+
+/// Each sink's figures summed over the processors, by name, in first-seen order: healthy
+/// only while it is healthy at every processor, failing since the earliest of them.
+fn sum_sinks(all: &[&ProcessorStats]) -> Vec<conveyor_core::stats::SinkStats> {
+    let mut sum: Vec<conveyor_core::stats::SinkStats> = Vec::new();
+    for sink in all.iter().flat_map(|s| &s.sinks) {
+        match sum.iter_mut().find(|s| s.name == sink.name) {
+            Some(into) => {
+                into.healthy &= sink.healthy;
+                into.written += sink.written;
+                into.retried += sink.retried;
+                into.rejected += sink.rejected;
+                into.in_flight += sink.in_flight;
+                into.failing_since_ms = match (into.failing_since_ms, sink.failing_since_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if sink.last_error.is_some() {
+                    into.last_error.clone_from(&sink.last_error);
+                }
+            }
+            None => sum.push(sink.clone()),
         }
     }
     sum

@@ -60,7 +60,7 @@ pub trait Intake: Send + Sync + 'static {
 pub fn ready_probe(intake: Arc<dyn Intake>) -> ReadyProbe {
     Arc::new(move || {
         let intake = Arc::clone(&intake);
-        Box::pin(async move { intake.health().await.into_result() })
+        Box::pin(async move { intake.health().await.into_result().map(|()| None) })
     })
 }
 

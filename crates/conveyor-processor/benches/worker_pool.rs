@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use conveyor_pipeline::{DEFAULT_SINK, Pipelines};
 use conveyor_processor::routing::Routing;
-use conveyor_processor::sink::BlackholeSink;
 use conveyor_processor::{WorkerPool, WorkerPoolConfig};
 use conveyor_queue::conformance::event;
 use conveyor_queue::dlq::MemoryDeadLetters;
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
+use conveyor_sink::BlackholeSink;
 use criterion::{Criterion, Throughput, criterion_group};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 

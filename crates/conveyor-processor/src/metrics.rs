@@ -8,18 +8,18 @@
 //! `N-kind` for the `--stage`/`--sink` quick form), checked to be short identifiers when the
 //! file is loaded, so the label values are bounded by what the operator wrote.
 
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use conveyor_core::now_ms;
+use conveyor_core::stats::SinkStats;
+use conveyor_sink::SinkError;
 
 use conveyor_api::exposition::{self, Exposition};
 use conveyor_api::histogram::{BATCH_EVENTS, Histogram, Snapshot};
 
 /// Deliveries per batch a worker fetched.
 pub static FETCH_BATCH_EVENTS: Histogram = Histogram::new(BATCH_EVENTS, 1.0);
-/// One sink write call (a batch), until the sink confirmed it.
-pub static SINK_WRITE_DURATION: Histogram = Histogram::seconds();
-/// Events per sink write call.
-pub static SINK_BATCH_EVENTS: Histogram = Histogram::new(BATCH_EVENTS, 1.0);
 /// From the event's timestamp (acceptance) until the sink confirmed its write.
 pub static END_TO_END: Histogram = Histogram::seconds();
 /// Sink write calls that failed.
@@ -49,11 +49,106 @@ pub struct PipelineSeries {
     pub failed: AtomicU64,
 }
 
-/// One named sink: events it confirmed, and events whose write failed.
-#[derive(Default)]
+/// One named sink: what became of the events written to it, its writes' timings and sizes,
+/// and its health.
 pub struct SinkSeries {
+    /// Events it confirmed.
     pub written: AtomicU64,
-    pub failed: AtomicU64,
+    /// Events whose write failed in a way worth retrying (they went back to the queue).
+    pub retried: AtomicU64,
+    /// Events it refused for good (they went to the DLQ).
+    pub rejected: AtomicU64,
+    /// Writes under way now.
+    pub in_flight: AtomicU64,
+    /// One write call (a batch), until the sink answered.
+    pub duration: Histogram,
+    /// Events per write call.
+    pub batch_events: Histogram,
+    pub health: SinkHealth,
+}
+
+impl Default for SinkSeries {
+    fn default() -> Self {
+        SinkSeries {
+            written: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            duration: Histogram::seconds(),
+            batch_events: Histogram::new(BATCH_EVENTS, 1.0),
+            health: SinkHealth::default(),
+        }
+    }
+}
+
+impl SinkSeries {
+    /// The figures `/stats` shows for the sink `name` writing to `target`.
+    pub fn stats(&self, name: &str, target: String) -> SinkStats {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let health = self.health.now();
+        SinkStats {
+            name: name.to_owned(),
+            target,
+            healthy: health.failing_since_ms.is_none(),
+            written: load(&self.written),
+            retried: load(&self.retried),
+            rejected: load(&self.rejected),
+            in_flight: load(&self.in_flight),
+            failing_since_ms: health.failing_since_ms,
+            last_error: health.last_error,
+        }
+    }
+}
+
+/// Whether a sink takes writes: unhealthy from its first retryable failure until a write is
+/// answered again. The transitions are logged once each, not every failed write.
+#[derive(Default)]
+pub struct SinkHealth {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Default, Clone)]
+pub struct HealthState {
+    pub failing_since_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub failed_writes: u64,
+}
+
+impl SinkHealth {
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write reached the sink and was answered (written, or refused for good).
+    pub fn answered(&self, sink: &str) {
+        let mut state = self.state();
+        if let Some(since) = state.failing_since_ms.take() {
+            tracing::info!(
+                sink,
+                failed_writes = state.failed_writes,
+                down_for_ms = now_ms().saturating_sub(since),
+                "sink is taking writes again"
+            );
+            state.failed_writes = 0;
+        }
+    }
+
+    /// A write failed in a way worth retrying; its `events` go back to the queue.
+    pub fn failed(&self, sink: &str, error: &SinkError, events: u64) {
+        let mut state = self.state();
+        state.failed_writes += 1;
+        state.last_error = Some(error.to_string());
+        if state.failing_since_ms.is_none() {
+            state.failing_since_ms = Some(now_ms());
+            tracing::warn!(sink, %error, events, "sink write failed; its events wait in the queue and are retried until written");
+        } else {
+            tracing::debug!(sink, %error, events, "sink write failed again");
+        }
+    }
+
+    pub fn now(&self) -> HealthState {
+        self.state().clone()
+    }
 }
 
 /// The `pipeline` label of events no pipeline matched (config names cannot contain
@@ -192,13 +287,20 @@ fn render(out: &mut Exposition) {
             })
             .collect(),
     );
+    let sinks = snapshot(&SINKS);
+    let by_sink = |sink: &String| vec![("sink", sink.clone())];
     out.counters(
         "conveyor_sink_events_total",
-        "Events routed to a named sink: written (confirmed) or failed (to be retried).",
-        snapshot(&SINKS)
+        "Events routed to a named sink: written (confirmed), retried (the write failed; back to the queue) or rejected (refused for good; to the DLQ).",
+        sinks
             .iter()
             .flat_map(|(sink, s)| {
-                [("written", &s.written), ("failed", &s.failed)].map(|(result, n)| {
+                [
+                    ("written", &s.written),
+                    ("retried", &s.retried),
+                    ("rejected", &s.rejected),
+                ]
+                .map(|(result, n)| {
                     (
                         vec![("sink", sink.clone()), ("result", result.to_owned())],
                         n.load(Ordering::Relaxed),
@@ -207,15 +309,45 @@ fn render(out: &mut Exposition) {
             })
             .collect(),
     );
+    out.gauges(
+        "conveyor_sink_healthy",
+        "1 while the sink takes writes, 0 while its writes fail and its events wait in the queue.",
+        sinks
+            .iter()
+            .map(|(sink, s)| {
+                (
+                    by_sink(sink),
+                    i64::from(s.health.now().failing_since_ms.is_none()),
+                )
+            })
+            .collect(),
+    );
+    out.gauges(
+        "conveyor_sink_in_flight_writes",
+        "Sink writes under way now.",
+        sinks
+            .iter()
+            .map(|(sink, s)| {
+                let n = s.in_flight.load(Ordering::Relaxed);
+                (by_sink(sink), i64::try_from(n).unwrap_or(i64::MAX))
+            })
+            .collect(),
+    );
     out.histograms(
         "conveyor_sink_write_duration_seconds",
-        "Time one sink write (a batch) took until the sink confirmed it.",
-        plain(&SINK_WRITE_DURATION),
+        "Time one sink write (a batch) took until the sink answered.",
+        sinks
+            .iter()
+            .map(|(sink, s)| (by_sink(sink), s.duration.value()))
+            .collect(),
     );
     out.histograms(
         "conveyor_sink_batch_events",
         "Events per sink write.",
-        plain(&SINK_BATCH_EVENTS),
+        sinks
+            .iter()
+            .map(|(sink, s)| (by_sink(sink), s.batch_events.value()))
+            .collect(),
     );
     out.histograms(
         "conveyor_end_to_end_latency_seconds",
@@ -224,7 +356,7 @@ fn render(out: &mut Exposition) {
     );
     out.counter(
         "conveyor_sink_errors_total",
-        "Sink writes that failed (their events are retried).",
+        "Sink writes that failed, for any reason and at any sink.",
         SINK_ERRORS.load(Ordering::Relaxed),
     );
     out.counter_f64(
@@ -266,6 +398,8 @@ mod tests {
                 "conveyor_stage_events_total counter",
                 "conveyor_pipeline_events_total counter",
                 "conveyor_sink_events_total counter",
+                "conveyor_sink_healthy gauge",
+                "conveyor_sink_in_flight_writes gauge",
                 "conveyor_sink_write_duration_seconds histogram",
                 "conveyor_sink_batch_events histogram",
                 "conveyor_end_to_end_latency_seconds histogram",

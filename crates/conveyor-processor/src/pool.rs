@@ -2,9 +2,11 @@
 //!
 //! Each worker owns a consumer and loops: fetch a batch, skip ids already processed, run the
 //! pipelines (on the blocking pool when a stage may be slow), write what they route to each sink
-//! in one call per sink, then ack; drops are acked; retryable failures are nacked with backoff
-//! or, after the last attempt, dead-lettered and terminated; permanent ones are dead-lettered at
-//! once.
+//! in one call per sink, then ack; drops are acked. A stage's retryable failure is nacked with
+//! backoff or, after the last attempt, dead-lettered and terminated; a sink's retryable failure
+//! is nacked with a capped, jittered backoff (or the sink's `retry_after`) for as long as the
+//! sink stays down (see [`conveyor_sink`]); permanent failures, of a stage or a sink, are
+//! dead-lettered at once.
 //!
 //! Shutdown ([`WorkerPool::drain`]): with a durable queue (a broker) workers finish the batch in
 //! hand and stop, leaving the rest in the broker. With the memory queue, everything the queue
@@ -25,10 +27,11 @@ use conveyor_queue::{Consumer, Delivery, Handle, Health, Queue, Settlement};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::routing::Routing;
+use crate::routing::{NamedSink, Routing};
 use crate::seen::{Claim, SeenIds};
 use conveyor_pipeline::{Outcome, Routed};
 use conveyor_queue::dlq::{DeadLetter, DeadLetterQueue};
+use conveyor_sink::{ErrorKind, SinkError};
 
 #[derive(Debug, Clone)]
 pub struct WorkerPoolConfig {
@@ -42,6 +45,9 @@ pub struct WorkerPoolConfig {
     pub backoff_max: Duration,
     /// How many processed ids are remembered for dedupe.
     pub dedupe_window: usize,
+    /// Longest delay before retrying events whose sink failed (they are retried until
+    /// written, so this is how soon a sink that came back sees them again).
+    pub sink_backoff_max: Duration,
 }
 
 impl Default for WorkerPoolConfig {
@@ -53,6 +59,7 @@ impl Default for WorkerPoolConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             dedupe_window: 100_000,
+            sink_backoff_max: Duration::from_secs(5),
         }
     }
 }
@@ -65,14 +72,40 @@ impl WorkerPoolConfig {
             .saturating_mul(1u32 << doublings)
             .min(self.backoff_max)
     }
+
+    /// The delay before retrying an event whose sink failed on delivery `attempt`: the
+    /// backoff capped at `sink_backoff_max`, no sooner than the sink's `retry_after`, and up to
+    /// 50% longer at random so that workers which failed together do not retry in step.
+    pub fn sink_backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let delay = self.backoff(attempt).min(self.sink_backoff_max);
+        conveyor_core::retry::with_jitter(delay, 0.5).max(retry_after.unwrap_or_default())
+    }
 }
 
 /// An event that failed: the event as it came from the queue, and why.
 struct Failed {
     event: Event,
     error: String,
-    /// Whether a retry could help; a permanent failure goes to the DLQ at once.
-    retryable: bool,
+    retry: Retry,
+}
+
+/// What a failure means for the event's next delivery.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Retry {
+    /// A stage may pass next time: retried with backoff up to `max_attempts`, then the DLQ.
+    Limited,
+    /// A sink could not take it now: retried until it is written (a sink being down is not
+    /// the event's fault), no sooner than `after` when the sink said when.
+    UntilWritten { after: Option<Duration> },
+    /// It can never succeed: to the DLQ at once.
+    Never,
+}
+
+/// Why an event's write failed, and what that means for it.
+#[derive(Debug, Clone)]
+struct WriteFailure {
+    message: String,
+    retry: Retry,
 }
 
 #[derive(Default)]
@@ -239,6 +272,7 @@ impl WorkerPool {
             dlq_size: self.dlq.size().await,
             sink: routing.describe(),
             pipelines: routing.pipeline_stats(),
+            sinks: routing.sink_stats(),
             config: self
                 .config_state
                 .lock()
@@ -439,7 +473,11 @@ impl WorkerPool {
                     Failed {
                         event: original,
                         error: failure.to_string(),
-                        retryable: failure.retryable,
+                        retry: if failure.retryable {
+                            Retry::Limited
+                        } else {
+                            Retry::Never
+                        },
                     },
                     handle,
                 )),
@@ -480,10 +518,9 @@ impl WorkerPool {
             if let Some(start_ns) = trace_start {
                 record_spans(
                     start_ns,
-                    routed
-                        .iter()
-                        .zip(&errors)
-                        .map(|((event, _, _), error)| (event, error.as_deref())),
+                    routed.iter().zip(&errors).map(|((event, _, _), error)| {
+                        (event, error.as_ref().map(|e| e.message.as_str()))
+                    }),
                 );
             }
             let mut written = Vec::with_capacity(routed.len());
@@ -494,11 +531,11 @@ impl WorkerPool {
                         written.extend(outputs.into_iter().map(|o| o.event));
                         written_handles.push((original.id, handle));
                     }
-                    Some(error) => failed.push((
+                    Some(WriteFailure { message, retry }) => failed.push((
                         Failed {
                             event: original,
-                            error,
-                            retryable: true,
+                            error: message,
+                            retry,
                         },
                         handle,
                     )),
@@ -534,7 +571,7 @@ impl WorkerPool {
     }
 
     /// Writes every routed output to its sinks, one write call per sink (all sinks at once);
-    /// per event, `None` when every sink it was routed to confirmed it, or the first error.
+    /// per event, `None` when every sink it was routed to confirmed it, or why not.
     ///
     /// An event with more than one destination (several sinks, or split into several events),
     /// and any event when the routing has several sinks, is remembered per sink as each
@@ -544,10 +581,10 @@ impl WorkerPool {
         &self,
         routing: &Routing,
         routed: &[(Event, Handle, Vec<Routed>)],
-    ) -> Vec<Option<String>> {
+    ) -> Vec<Option<WriteFailure>> {
         let mut batches: Vec<(Vec<Event>, Vec<usize>)> =
             routing.sinks().iter().map(|_| Default::default()).collect();
-        let mut errors: Vec<Option<String>> = vec![None; routed.len()];
+        let mut errors: Vec<Option<WriteFailure>> = vec![None; routed.len()];
         // Tracked per sink: an event with more than one destination, and every event when there
         // are several sinks (the per-event window is then not seeded from the sinks after a
         // restart, so this one is what keeps a redelivery out of the sink that has it).
@@ -564,7 +601,11 @@ impl WorkerPool {
                 for output in outputs {
                     for name in output.sinks.iter() {
                         let Some(sink) = routing.sink_index(name) else {
-                            errors[item] = Some(format!("no sink named '{name}'"));
+                            // `Routing::new` checked every route's sinks: a bug, not a retry.
+                            errors[item] = Some(WriteFailure {
+                                message: format!("no sink named '{name}'"),
+                                retry: Retry::Never,
+                            });
                             continue;
                         };
                         if multi[item] && partial.is_written(&partial_key(name, &output.event.id)) {
@@ -583,31 +624,54 @@ impl WorkerPool {
             .zip(&batches)
             .filter(|(_, (events, _))| !events.is_empty())
             .map(|(named, (events, items))| async move {
-                let started = Instant::now();
-                let result = named.sink.write(events, processed_at).await;
-                metrics::SINK_WRITE_DURATION.record_duration(started.elapsed());
+                let result = write_to(named, events, processed_at).await;
                 (named, events, items, result)
             });
         for (named, events, items, result) in futures_util::future::join_all(writes).await {
-            let count = events.len() as u64;
-            match result {
-                Ok(()) => {
-                    named.series.written.fetch_add(count, Ordering::Relaxed);
-                    let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
-                    for (event, &item) in events.iter().zip(items) {
-                        if multi[item] {
-                            partial.remember(&partial_key(&named.name, &event.id));
-                        }
+            // Which events of the batch did not make it, and why.
+            let failed: Vec<(usize, WriteFailure)> = match result {
+                Ok(()) => Vec::new(),
+                Err(error) => {
+                    let whole = |retry| {
+                        (0..events.len())
+                            .map(|at| {
+                                let message = error.to_string();
+                                (at, WriteFailure { message, retry })
+                            })
+                            .collect()
+                    };
+                    match &error.kind {
+                        ErrorKind::Retryable { retry_after } => whole(Retry::UntilWritten {
+                            after: *retry_after,
+                        }),
+                        ErrorKind::Permanent => whole(Retry::Never),
+                        ErrorKind::Rejected(rejected) => rejected
+                            .iter()
+                            .filter(|(at, _)| *at < events.len())
+                            .map(|(at, reason)| {
+                                let message = format!("sink {}: {reason}", error.sink);
+                                let retry = Retry::Never;
+                                (*at, WriteFailure { message, retry })
+                            })
+                            .collect(),
                     }
                 }
-                Err(error) => {
-                    named.series.failed.fetch_add(count, Ordering::Relaxed);
-                    metrics::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, sink = %named.name, events = count, "sink write failed");
-                    let message = error.to_string();
-                    for &item in items {
-                        errors[item].get_or_insert_with(|| message.clone());
+            };
+            let mut ok = vec![true; events.len()];
+            for (at, failure) in failed {
+                if std::mem::replace(&mut ok[at], false) {
+                    let item = items[at];
+                    // A permanent failure at one sink outweighs a retryable one at another.
+                    let slot = &mut errors[item];
+                    if slot.as_ref().is_none_or(|e| e.retry != Retry::Never) {
+                        *slot = Some(failure);
                     }
+                }
+            }
+            let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
+            for ((event, &item), _) in events.iter().zip(items).zip(&ok).filter(|(_, ok)| **ok) {
+                if multi[item] {
+                    partial.remember(&partial_key(&named.name, &event.id));
                 }
             }
         }
@@ -635,8 +699,8 @@ impl WorkerPool {
         }
     }
 
-    /// Retries with backoff, or dead-letters after the last attempt (at once when the failure
-    /// is permanent).
+    /// Retries with backoff, or dead-letters: after the last attempt for a stage that failed,
+    /// at once for a permanent failure, never for a sink that could not take the event now.
     async fn fail(&self, failed: Vec<(Failed, Handle)>) {
         let count = failed.len() as u64;
         self.counters.errors.fetch_add(count, Ordering::Relaxed);
@@ -646,21 +710,22 @@ impl WorkerPool {
             Failed {
                 event,
                 error,
-                retryable,
+                retry,
             },
             handle,
         ) in failed
         {
             let attempt = event.attempt;
-            if retryable && attempt < self.config.max_attempts {
+            let delay = match retry {
+                Retry::Limited if attempt < self.config.max_attempts => {
+                    Some(self.config.backoff(attempt))
+                }
+                Retry::UntilWritten { after } => Some(self.config.sink_backoff(attempt, after)),
+                Retry::Limited | Retry::Never => None,
+            };
+            if let Some(delay) = delay {
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                settle(
-                    handle,
-                    Settlement::Nack {
-                        delay: self.config.backoff(attempt),
-                    },
-                )
-                .await;
+                settle(handle, Settlement::Nack { delay }).await;
                 sample_error.get_or_insert(error);
                 continue;
             }
@@ -700,6 +765,56 @@ impl WorkerPool {
     }
 }
 
+/// One write of `events` to `named`, bounded by the sink's timeout, with the sink's series
+/// (counts, timings, in-flight writes, health) kept up to date.
+async fn write_to(named: &NamedSink, events: &[Event], processed_at: u64) -> Result<(), SinkError> {
+    let series = named.series;
+    let timeout = named.sink.write_timeout();
+    let started = Instant::now();
+    series.in_flight.fetch_add(1, Ordering::Relaxed);
+    let result = match tokio::time::timeout(timeout, named.sink.write(events, processed_at)).await {
+        Ok(result) => result,
+        Err(_) => Err(SinkError::retryable(
+            named.sink.describe(),
+            format!("no answer within {timeout:?} (the write timeout)"),
+        )),
+    };
+    series.in_flight.fetch_sub(1, Ordering::Relaxed);
+    series.duration.record_duration(started.elapsed());
+    series.batch_events.record(events.len() as u64);
+    let count = events.len() as u64;
+    match &result {
+        Ok(()) => {
+            series.written.fetch_add(count, Ordering::Relaxed);
+            series.health.answered(&named.name);
+        }
+        Err(error) => {
+            metrics::SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
+            match &error.kind {
+                ErrorKind::Retryable { .. } => {
+                    series.retried.fetch_add(count, Ordering::Relaxed);
+                    series.health.failed(&named.name, error, count);
+                }
+                ErrorKind::Permanent => {
+                    series.rejected.fetch_add(count, Ordering::Relaxed);
+                    series.health.answered(&named.name);
+                    tracing::warn!(%error, sink = %named.name, events = count, "sink refused the batch for good; its events go to the DLQ");
+                }
+                ErrorKind::Rejected(rejected) => {
+                    let refused = rejected.len() as u64;
+                    series.rejected.fetch_add(refused, Ordering::Relaxed);
+                    series
+                        .written
+                        .fetch_add(count.saturating_sub(refused), Ordering::Relaxed);
+                    series.health.answered(&named.name);
+                    tracing::warn!(%error, sink = %named.name, events = refused, "sink refused events for good; they go to the DLQ");
+                }
+            }
+        }
+    }
+    result
+}
+
 /// The key of `id` written to `sink` in the pool's `partial` window.
 fn partial_key(sink: &str, id: &str) -> Arc<str> {
     format!("{sink}\u{0}{id}").into()
@@ -734,7 +849,6 @@ async fn while_keeping_alive<F: std::future::Future, H: std::borrow::Borrow<Hand
 
 /// Batch size and end-to-end latency (acceptance timestamp to now) of a confirmed sink write.
 fn record_written(events: &[Event]) {
-    metrics::SINK_BATCH_EVENTS.record(events.len() as u64);
     let written_ms = now_ms();
     let mut latency = metrics::END_TO_END.local();
     for event in events {

@@ -12,7 +12,8 @@ use conveyor_core::stats::PipelineStats;
 use conveyor_pipeline::{DEFAULT_SINK, Observer, Outcome, Pipelines, StageResult};
 
 use crate::metrics::{self, PipelineSeries, SinkSeries, StageSeries};
-use crate::sink::Sink;
+use conveyor_core::stats::SinkStats;
+use conveyor_sink::Sink;
 
 /// A sink a route names.
 pub struct NamedSink {
@@ -96,6 +97,31 @@ impl Routing {
                 .collect::<Vec<_>>()
                 .join(", "),
         }
+    }
+
+    /// Each sink's figures since start and its health now.
+    pub fn sink_stats(&self) -> Vec<SinkStats> {
+        self.sinks
+            .iter()
+            .map(|s| s.series.stats(&s.name, s.sink.describe()))
+            .collect()
+    }
+
+    /// The sinks' health as `/ready` shows it: `{"sinks": {"db": {"healthy": false, "error":
+    /// "…"}}}`.
+    pub fn ready_detail(&self) -> serde_json::Value {
+        let sinks: serde_json::Map<String, serde_json::Value> = self
+            .sink_stats()
+            .into_iter()
+            .map(|s| {
+                let state = match (s.healthy, s.last_error) {
+                    (true, _) => serde_json::json!({"healthy": true}),
+                    (false, error) => serde_json::json!({"healthy": false, "error": error}),
+                };
+                (s.name, state)
+            })
+            .collect();
+        serde_json::json!({ "sinks": sinks })
     }
 
     /// Each pipeline's figures since start (the process's series, which outlive reloads), then

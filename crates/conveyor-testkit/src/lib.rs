@@ -5,7 +5,14 @@
 //! [`NatsCluster`] starts three of them routed into one JetStream cluster (for replicated
 //! streams and node loss); [`KafkaBroker`] does the same with a tansu broker (Kafka protocol, in-memory storage). A test
 //! that cannot find the binary fails with a message saying how to get it: there is no silent
-//! skip.
+//! skip. [`TestDatabase`] is a PostgreSQL database of a test's own; [`TcpGate`] makes a server
+//! unreachable and reachable again.
+
+mod gate;
+mod postgres;
+
+pub use gate::TcpGate;
+pub use postgres::{TestDatabase, psql};
 
 use std::future::Future;
 use std::net::{TcpListener, TcpStream};

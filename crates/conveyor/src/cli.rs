@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::sinks::SinkSpec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use conveyor_processor::sink::SinkSpec;
 
 #[derive(Debug, Parser)]
 #[command(

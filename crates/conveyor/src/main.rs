@@ -7,6 +7,7 @@ mod otlp_http;
 mod pipelines;
 mod roles;
 mod shutdown;
+mod sinks;
 mod status;
 
 use std::process::ExitCode;

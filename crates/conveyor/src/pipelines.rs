@@ -18,7 +18,9 @@ use conveyor_ingest::Ingest;
 use conveyor_pipeline::{Config, DEFAULT_SINK, Pipelines};
 use conveyor_processor::WorkerPool;
 use conveyor_processor::routing::Routing;
-use conveyor_processor::sink::{Sink, SinkSpec};
+use conveyor_sink::Sink;
+
+use crate::sinks::SinkSpec;
 
 use crate::cli::{ConfigFileArgs, DEFAULT_SINK_FLAG, PoolArgs};
 use crate::failure::Failure;

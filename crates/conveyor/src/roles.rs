@@ -296,6 +296,10 @@ trait RoleView: Send + Sync + 'static {
     fn health(&self) -> impl std::future::Future<Output = Health> + Send;
     /// Appends the role's own metric families.
     fn render(&self, out: &mut Exposition) -> impl std::future::Future<Output = ()> + Send;
+    /// What `/ready` shows besides its verdict.
+    fn ready_detail(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// An ingest instance, and the broker queue it publishes to (none for the memory queue,
@@ -324,6 +328,11 @@ impl RoleView for WorkerPool {
         WorkerPool::health(self)
     }
 
+    /// The sinks' health: shown, not part of the verdict (see [`conveyor_api::ReadyProbe`]).
+    fn ready_detail(&self) -> Option<serde_json::Value> {
+        Some(self.routing().ready_detail())
+    }
+
     async fn render(&self, out: &mut Exposition) {
         let stats = self.stats().await;
         metrics::render_processor(out, &stats);
@@ -335,7 +344,10 @@ fn role_router<V: RoleView>(routes: Router, readiness: Readiness, view: Arc<V>) 
     let probed = Arc::clone(&view);
     let probe: ReadyProbe = Arc::new(move || {
         let view = Arc::clone(&probed);
-        Box::pin(async move { view.health().await.into_result() })
+        Box::pin(async move {
+            view.health().await.into_result()?;
+            Ok(view.ready_detail())
+        })
     });
     service_router(
         routes,
@@ -515,6 +527,11 @@ async fn build_processor(
             backoff_initial: Duration::from_millis(pool.retry_backoff_ms),
             backoff_max: Duration::from_millis(pool.retry_backoff_max_ms),
             dedupe_window: pool.dedupe_window,
+            // Retries of a sink that is down are capped at 5 s, or sooner with a lower
+            // --retry-backoff-max-ms: a sink that came back sees its events within that.
+            sink_backoff_max: WorkerPoolConfig::default()
+                .sink_backoff_max
+                .min(Duration::from_millis(pool.retry_backoff_max_ms)),
         },
     );
     processor.remember_sink().await;

@@ -185,6 +185,37 @@ pub fn table(gateway: &str, status: &Value) -> String {
         }
         out.push_str(&columns(&rows));
     }
+    let sinks = processor["sinks"].as_array().cloned().unwrap_or_default();
+    if !sinks.is_empty() {
+        out.push('\n');
+        rows = vec![
+            [
+                "SINK",
+                "TARGET",
+                "HEALTHY",
+                "WRITTEN",
+                "RETRIED",
+                "REJECTED",
+                "LAST ERROR",
+            ]
+            .iter()
+            .map(|h| (*h).to_owned())
+            .collect(),
+        ];
+        for sink in &sinks {
+            let healthy = sink["healthy"] == true;
+            rows.push(vec![
+                sink["name"].as_str().unwrap_or("-").to_owned(),
+                sink["target"].as_str().unwrap_or("-").to_owned(),
+                if healthy { "yes".into() } else { "NO".into() },
+                num(&sink["written"]),
+                num(&sink["retried"]),
+                num(&sink["rejected"]),
+                sink["last_error"].as_str().unwrap_or("").to_owned(),
+            ]);
+        }
+        out.push_str(&columns(&rows));
+    }
     if let Some(config) = processor["config"].as_object() {
         let _ = writeln!(
             out,
@@ -253,6 +284,8 @@ mod tests {
             "processor": {"stats": {
                 "queue": {}, "pool": {},
                 "pipelines": [{"name": "sensors", "in": 10, "routed": 6, "dropped": 3, "failed": 1}],
+                "sinks": [{"name": "db", "target": "postgres://h:5432/app?table=events", "healthy": false,
+                           "written": 6, "retried": 4, "rejected": 0, "last_error": "cannot connect"}],
                 "config": {"path": "c.toml", "reloads_applied": 2, "reloads_refused": 1,
                            "last_refusal": "c.toml:3:5: jq: expected term\nmore"},
             }},
@@ -262,6 +295,10 @@ mod tests {
         assert!(text.contains("DROPPED"), "{text}");
         assert!(
             text.contains("sensors   10       6        3       1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("db    postgres://h:5432/app?table=events  NO             6        4         0  cannot connect"),
             "{text}"
         );
         assert!(

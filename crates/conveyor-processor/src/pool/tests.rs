@@ -1,9 +1,9 @@
 //! The worker pool's unit tests, on the memory queue.
 
 use super::*;
-use crate::sink::FileSink;
 use conveyor_queue::dlq::MemoryDeadLetters;
 use conveyor_queue::{MemoryQueue, MemoryQueueConfig};
+use conveyor_sink::FileSink;
 
 #[test]
 fn backoff_doubles_and_is_capped() {
@@ -124,19 +124,19 @@ struct FlakySink {
 }
 
 #[async_trait::async_trait]
-impl crate::sink::Sink for FlakySink {
+impl conveyor_sink::Sink for FlakySink {
     async fn write(
         &self,
         events: &[Event],
         processed_at_ms: u64,
-    ) -> Result<(), crate::sink::SinkError> {
+    ) -> Result<(), conveyor_sink::SinkError> {
         let left = self.failures.load(Ordering::Relaxed);
         if left > 0 {
             self.failures.store(left - 1, Ordering::Relaxed);
-            return Err(crate::sink::SinkError {
-                sink: "flaky".into(),
-                message: "down for a while".into(),
-            });
+            return Err(conveyor_sink::SinkError::retryable(
+                "flaky",
+                "down for a while",
+            ));
         }
         self.inner.write(events, processed_at_ms).await
     }
@@ -173,7 +173,8 @@ route = [ { to = ["steady", "flaky"] } ]
         vec![
             (
                 "steady".to_owned(),
-                Arc::new(FileSink::open(&steady_path).expect("sink")) as Arc<dyn crate::sink::Sink>,
+                Arc::new(FileSink::open(&steady_path).expect("sink"))
+                    as Arc<dyn conveyor_sink::Sink>,
             ),
             (
                 "flaky".to_owned(),
@@ -236,7 +237,7 @@ async fn with_several_sinks_a_redelivery_after_a_crash_is_not_written_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a_path, b_path) = (dir.path().join("a"), dir.path().join("b"));
     let before: Vec<Event> = (0..20).map(|i| event(&format!("c-{i}"), false)).collect();
-    crate::sink::Sink::write(&FileSink::open(&a_path).expect("sink"), &before, 1)
+    conveyor_sink::Sink::write(&FileSink::open(&a_path).expect("sink"), &before, 1)
         .await
         .expect("written before the crash");
     let config = conveyor_pipeline::Config::parse(
@@ -249,7 +250,7 @@ async fn with_several_sinks_a_redelivery_after_a_crash_is_not_written_again() {
         vec![
             (
                 "a".to_owned(),
-                Arc::new(FileSink::open(&a_path).expect("sink")) as Arc<dyn crate::sink::Sink>,
+                Arc::new(FileSink::open(&a_path).expect("sink")) as Arc<dyn conveyor_sink::Sink>,
             ),
             (
                 "b".to_owned(),
@@ -279,5 +280,192 @@ async fn with_several_sinks_a_redelivery_after_a_crash_is_not_written_again() {
         text.lines().count(),
         30,
         "the 20 redelivered are not written twice: {text}"
+    );
+}
+
+/// A file sink that refuses for good every event whose id starts with `bad`, writing the
+/// rest of the batch (what a database does with a row that breaks a constraint).
+struct PickySink {
+    inner: FileSink,
+}
+
+#[async_trait::async_trait]
+impl conveyor_sink::Sink for PickySink {
+    async fn write(
+        &self,
+        events: &[Event],
+        processed_at_ms: u64,
+    ) -> Result<(), conveyor_sink::SinkError> {
+        let (bad, good): (Vec<(usize, &Event)>, Vec<(usize, &Event)>) = events
+            .iter()
+            .enumerate()
+            .partition(|(_, e)| e.id.starts_with("bad"));
+        let good: Vec<Event> = good.into_iter().map(|(_, e)| e.clone()).collect();
+        self.inner.write(&good, processed_at_ms).await?;
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(conveyor_sink::SinkError::rejected(
+            "picky",
+            format!("{} rows refused", bad.len()),
+            bad.into_iter()
+                .map(|(at, e)| (at, format!("row {} violates check constraint", e.id)))
+                .collect(),
+        ))
+    }
+
+    fn describe(&self) -> String {
+        "picky".into()
+    }
+}
+
+fn one_sink(sink: Arc<dyn conveyor_sink::Sink>) -> Routing {
+    let no_stages = conveyor_pipeline::Pipelines::from_shorthands(&[]).expect("no stages");
+    Routing::single(no_stages, sink).expect("routing")
+}
+
+#[tokio::test]
+async fn a_sink_down_longer_than_max_attempts_loses_nothing_and_dead_letters_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("out.ndjson");
+    let queue = MemoryQueue::new(MemoryQueueConfig::default());
+    let processor = WorkerPool::new(
+        Arc::new(queue.clone()),
+        one_sink(Arc::new(FlakySink {
+            inner: FileSink::open(&path).expect("sink"),
+            failures: 40.into(),
+        })),
+        Arc::new(MemoryDeadLetters::new(100)),
+        WorkerPoolConfig {
+            workers: 2,
+            batch_size: 8,
+            max_attempts: 2,
+            backoff_initial: Duration::from_millis(2),
+            sink_backoff_max: Duration::from_millis(20),
+            ..WorkerPoolConfig::default()
+        },
+    );
+    queue.try_publish((0..50).map(|i| event(&format!("d-{i}"), false)).collect());
+    let mut workers = processor.start();
+    // While it fails, the sink is reported unhealthy with its error.
+    let unhealthy = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let stats = processor.stats().await;
+            if let Some(sink) = stats.sinks.first().filter(|s| !s.healthy) {
+                return sink.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the sink is seen unhealthy while it fails");
+    assert!(unhealthy.failing_since_ms.is_some(), "{unhealthy:?}");
+    assert!(
+        unhealthy
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("down for a while")),
+        "{unhealthy:?}"
+    );
+    assert!(
+        processor.drain(&mut workers, Duration::from_secs(20)).await,
+        "drains"
+    );
+    let text = std::fs::read_to_string(&path).expect("sink file");
+    assert_eq!(text.lines().count(), 50, "every event written once: {text}");
+    let stats = processor.stats().await;
+    assert_eq!(
+        (
+            stats.pool.processed,
+            stats.pool.dead_lettered,
+            stats.dlq_size
+        ),
+        (50, 0, 0),
+        "a sink being down sends nothing to the DLQ: {:?}",
+        stats.pool
+    );
+    let sink = &stats.sinks[0];
+    assert!(
+        sink.healthy,
+        "healthy again once writes go through: {sink:?}"
+    );
+    assert_eq!(sink.written, 50, "{sink:?}");
+    assert!(
+        sink.retried >= 40,
+        "each failed write's events retried: {sink:?}"
+    );
+}
+
+#[tokio::test]
+async fn events_a_sink_refuses_for_good_go_to_the_dlq_at_once_and_the_rest_are_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("out.ndjson");
+    let queue = MemoryQueue::new(MemoryQueueConfig::default());
+    let processor = WorkerPool::new(
+        Arc::new(queue.clone()),
+        one_sink(Arc::new(PickySink {
+            inner: FileSink::open(&path).expect("sink"),
+        })),
+        Arc::new(MemoryDeadLetters::new(100)),
+        WorkerPoolConfig {
+            workers: 2,
+            batch_size: 16,
+            max_attempts: 5,
+            backoff_initial: Duration::from_millis(2),
+            ..WorkerPoolConfig::default()
+        },
+    );
+    let mut events: Vec<Event> = (0..40).map(|i| event(&format!("ok-{i}"), false)).collect();
+    events.insert(7, event("bad-1", false));
+    events.insert(20, event("bad-2", false));
+    queue.try_publish(events);
+    let mut workers = processor.start();
+    assert!(
+        processor.drain(&mut workers, Duration::from_secs(10)).await,
+        "drains"
+    );
+    let text = std::fs::read_to_string(&path).expect("sink file");
+    assert_eq!(text.lines().count(), 40, "the good events, each once");
+    assert!(!text.contains("bad-"), "{text}");
+    let (size, letters) = processor.dead_letters().list(10).await;
+    assert_eq!(size, 2);
+    for letter in &letters {
+        assert_eq!(letter.attempts, 1, "dead-lettered at once: {letter:?}");
+        assert!(
+            letter.error.starts_with("sink picky: row bad-")
+                && letter.error.contains("violates check constraint"),
+            "the sink's own text: {}",
+            letter.error
+        );
+    }
+    let stats = processor.stats().await;
+    assert_eq!((stats.pool.processed, stats.pool.retried), (40, 0));
+    assert_eq!((stats.sinks[0].written, stats.sinks[0].rejected), (40, 2));
+    assert!(
+        stats.sinks[0].healthy,
+        "a refusal is an answer: {:?}",
+        stats.sinks[0]
+    );
+}
+
+#[test]
+fn sink_backoff_is_capped_jittered_and_honours_retry_after() {
+    let config = WorkerPoolConfig {
+        backoff_initial: Duration::from_millis(100),
+        sink_backoff_max: Duration::from_millis(400),
+        ..WorkerPoolConfig::default()
+    };
+    for attempt in [1, 2, 3, 30] {
+        let base = config.backoff(attempt).min(Duration::from_millis(400));
+        let delay = config.sink_backoff(attempt, None);
+        assert!(
+            delay >= base && delay <= base.mul_f64(1.5),
+            "{attempt}: {delay:?}"
+        );
+    }
+    assert_eq!(
+        config.sink_backoff(1, Some(Duration::from_secs(7))),
+        Duration::from_secs(7),
+        "no sooner than the server asked"
     );
 }

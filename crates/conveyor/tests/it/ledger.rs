@@ -106,7 +106,11 @@ impl Ledger {
 
     /// Compares the ledger with what `sinks` hold now.
     pub fn check(&self, sinks: &[&Path]) -> Verdict {
-        let counts = sink_counts(sinks);
+        self.check_counts(&sink_counts(sinks))
+    }
+
+    /// Compares the ledger with how often each id was found where the events went.
+    pub fn check_counts(&self, counts: &HashMap<String, usize>) -> Verdict {
         let entries = self.entries();
         let mut lost: Vec<(String, Promise)> = entries
             .promised

@@ -18,6 +18,7 @@ mod nats_cluster;
 mod nats_race;
 mod observability;
 mod pipelines;
+mod postgres;
 mod shutdown;
 mod split;
 mod tracing;

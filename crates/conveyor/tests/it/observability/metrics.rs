@@ -66,6 +66,8 @@ const PROCESSOR_RECORDED: &[&str] = &[
     "conveyor_stage_events_total",
     "conveyor_pipeline_events_total",
     "conveyor_sink_events_total",
+    "conveyor_sink_healthy",
+    "conveyor_sink_in_flight_writes",
     "conveyor_sink_write_duration_seconds",
     "conveyor_sink_batch_events",
     "conveyor_end_to_end_latency_seconds",

@@ -1,0 +1,280 @@
+//! The PostgreSQL sink end to end (issue #13): the real binary writing to a real PostgreSQL,
+//! a database of each test's own (`conveyor_testkit::TestDatabase`), checked with SQL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use conveyor_testkit::{NatsServer, TestDatabase, free_port};
+
+use crate::delivery::{send_batches, send_batches_to};
+use crate::harness::{Conveyor, Spawn, eventually, read_sink_file};
+use crate::ledger::{Ledger, Verdict};
+
+/// How often each id is in `table`.
+fn table_counts(db: &TestDatabase, table: &str) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for id in db.query(&format!("SELECT id FROM {table}")).lines() {
+        *counts.entry(id.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+/// Waits until every id `ledger` promised is in the table, then checks for lost, duplicated
+/// and unexpected rows.
+async fn settled(db: &TestDatabase, table: &str, ledger: &Ledger, timeout: Duration) -> Verdict {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let verdict = ledger.check_counts(&table_counts(db, table));
+        if verdict.lost.is_empty() || std::time::Instant::now() >= deadline {
+            eprintln!("table {table}: {verdict}");
+            return verdict;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conveyor_run_writes_every_event_to_postgres_once_with_its_columns() {
+    let db = TestDatabase::create();
+    let sink = format!("{}?table=events", db.url());
+    let conveyor = Spawn::new("run").sink_spec(&sink).start().await;
+    let accepted = send_batches(&conveyor, "pg", 10_000, 500, 2).await;
+    assert_eq!(accepted.len(), 10_000);
+    let verdict = settled(&db, "events", &accepted, Duration::from_secs(60)).await;
+    assert!(verdict.is_clean(), "{verdict}");
+    assert_eq!(
+        db.query("SELECT count(*), count(DISTINCT id) FROM events"),
+        "10000|10000"
+    );
+    // The columns hold the event as sent (the body of `delivery::event_body`).
+    let row = db.query(
+        "SELECT source, data->>'i', data->>'tag', metadata::text, processed_at >= \"timestamp\" \
+         FROM events WHERE id = 'pg-42'",
+    );
+    assert_eq!(row, "crash-test|42|pg|{}|t", "{row}");
+
+    let (_, status) = conveyor.get_json("/api/v1/status").await;
+    let sinks = &status["processor"]["stats"]["sinks"];
+    assert_eq!(sinks[0]["name"], "default", "{status}");
+    assert_eq!(sinks[0]["healthy"], true, "{status}");
+    assert_eq!(sinks[0]["written"], 10_000, "{status}");
+    let target = sinks[0]["target"].as_str().unwrap_or_default();
+    assert!(
+        target.starts_with("postgres://127.0.0.1:") && target.ends_with("?table=events"),
+        "{target}"
+    );
+    let (code, ready) = conveyor.get_json("/ready").await;
+    assert_eq!(code, 200);
+    assert_eq!(ready["sinks"]["default"]["healthy"], true, "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_mode_with_the_processor_sigkilled_mid_stream_leaves_every_id_once_in_the_table() {
+    let server = NatsServer::start();
+    let db = TestDatabase::create();
+    let sink = format!("{}?table=events", db.url());
+    let nats = |spawn: Spawn| {
+        spawn
+            .env("QUEUE_TYPE", "nats")
+            .env("NATS_URL", &server.url())
+            .env("CONVEYOR_NATS_ACK_WAIT_SECS", "2")
+    };
+    let port = free_port();
+    let processor_at = || {
+        nats(Spawn::new("processor"))
+            .without_listen_flags()
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .sink_spec(&sink)
+            .start()
+    };
+    let mut processor = processor_at().await;
+    let ingest = nats(Spawn::new("ingest")).start().await;
+    let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
+
+    // Small batches from one client: the stream lasts long enough for every kill to land in
+    // the middle of it.
+    let sending = tokio::spawn(send_batches_to(
+        gateway.http().clone(),
+        gateway.url("/api/v1/ingest/batch"),
+        "pgkill",
+        20_000,
+        50,
+        1,
+    ));
+    let mut kills_mid_stream = 0;
+    while kills_mid_stream < 3 && !sending.is_finished() {
+        // Some work in hand (rows committed, acks not yet sent), then a kill in the middle.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        processor.sigkill();
+        let _ = processor.wait_exit(Duration::from_secs(10)).await;
+        if !sending.is_finished() {
+            kills_mid_stream += 1;
+        }
+        processor = processor_at().await;
+    }
+    let accepted = sending.await.expect("sender");
+    assert!(
+        kills_mid_stream >= 3,
+        "killed {kills_mid_stream} times while events were coming in"
+    );
+    assert_eq!(
+        accepted.len(),
+        20_000,
+        "intake does not depend on the processor"
+    );
+    let verdict = settled(&db, "events", &accepted, Duration::from_secs(120)).await;
+    assert!(verdict.is_clean(), "{verdict}");
+    assert_eq!(
+        db.query("SELECT count(*), count(DISTINCT id) FROM events"),
+        "20000|20000"
+    );
+}
+
+/// One pipeline routed to PostgreSQL and a file; PostgreSQL out of reach (its port closed by
+/// the test) while events keep coming: they wait in the queue, none goes to the DLQ, the sink
+/// shows unhealthy in the status, `/ready` and the metrics, and when it is back both sinks
+/// hold every event, the file without duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_out_of_reach_events_wait_and_then_reach_both_sinks_once() {
+    let db = TestDatabase::create();
+    let (gate, through) = db.behind_gate().await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = dir.path().join("archive.ndjson");
+    let config = dir.path().join("conveyor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[defaults]
+route = ["db", "archive"]
+
+[sinks.db]
+type = "postgres"
+url = "{through}"
+table = "events"
+timeout_ms = 2000
+
+[sinks.archive]
+type = "file"
+path = "{}"
+"#,
+            archive.display()
+        ),
+    )
+    .expect("config");
+    let conveyor = Spawn::new("run")
+        .args(["--config", config.to_str().expect("utf-8 path")])
+        .args(["--max-attempts", "2", "--retry-backoff-ms", "20"])
+        .start()
+        .await;
+
+    let before = send_batches(&conveyor, "up", 1_000, 100, 2).await;
+    assert!(
+        settled(&db, "events", &before, Duration::from_secs(30))
+            .await
+            .is_clean()
+    );
+    gate.close().await;
+    let during = send_batches(&conveyor, "down", 3_000, 100, 2).await;
+    assert_eq!(during.len(), 3_000, "intake goes on while a sink is down");
+    let (status, metrics) = eventually(
+        "the sink to show unhealthy",
+        Duration::from_secs(20),
+        async || {
+            let (_, status) = conveyor.get_json("/api/v1/status").await;
+            let (_, metrics) = conveyor.get_raw("/metrics").await;
+            let db_sink = status["processor"]["stats"]["sinks"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "db"))
+                .cloned()
+                .unwrap_or_default();
+            if db_sink["healthy"] == false {
+                Ok((status, metrics))
+            } else {
+                Err(db_sink.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(status["status"], "degraded", "{status}");
+    assert!(
+        metrics.contains("conveyor_sink_healthy{sink=\"db\"} 0")
+            && metrics.contains("conveyor_sink_healthy{sink=\"archive\"} 1"),
+        "{metrics}"
+    );
+    let (code, ready) = conveyor.get_json("/ready").await;
+    assert_eq!(
+        code, 200,
+        "a sink down does not take the process out: {ready}"
+    );
+    assert_eq!(ready["sinks"]["db"]["healthy"], false, "{ready}");
+    // Longer than max-attempts x backoff many times over: still nothing in the DLQ.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    gate.open().await;
+
+    before.absorb(&during);
+    let verdict = settled(&db, "events", &before, Duration::from_secs(60)).await;
+    assert!(verdict.is_clean(), "{verdict}");
+    let file = before.check(&[&archive]);
+    assert!(file.is_clean(), "the file sink: {file}");
+    assert_eq!(read_sink_file(&archive).len(), 4_000);
+    let (_, status) = conveyor.get_json("/api/v1/status").await;
+    assert_eq!(status["totals"]["dead_lettered"], 0, "{status}");
+    assert_eq!(status["processor"]["stats"]["dlq_size"], 0, "{status}");
+    let db_sink = &status["processor"]["stats"]["sinks"][0];
+    assert_eq!(
+        (db_sink["name"].as_str(), db_sink["healthy"].as_bool()),
+        (Some("db"), Some(true)),
+        "{status}"
+    );
+    assert!(db_sink["retried"].as_u64() > Some(0), "{status}");
+}
+
+/// A refused row (jsonb has no NUL) goes to the DLQ at once with the server's words; the rest
+/// of its batch is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgres_refuses_goes_to_the_dlq_at_once_with_the_servers_message() {
+    let db = TestDatabase::create();
+    let conveyor: Conveyor = Spawn::new("run")
+        .sink_spec(&format!("{}?table=events", db.url()))
+        .start()
+        .await;
+    let batch = "{\"id\":\"fine-1\",\"source\":\"s\",\"data\":{}}\n\
+                 {\"id\":\"nul-1\",\"source\":\"s\",\"data\":{\"x\":\"\\u0000\"}}\n\
+                 {\"id\":\"fine-2\",\"source\":\"s\",\"data\":{}}\n";
+    let answer = conveyor
+        .http()
+        .post(conveyor.url("/api/v1/ingest/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(batch)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(answer.status(), 202);
+    let letters = eventually(
+        "the refused row in the DLQ",
+        Duration::from_secs(20),
+        async || {
+            let (size, letters) = conveyor.dlq().await;
+            if size == 1 {
+                Ok(letters)
+            } else {
+                Err(format!("{size} letters"))
+            }
+        },
+    )
+    .await;
+    let letter = &letters[0];
+    assert_eq!(letter["id"], "nul-1", "{letter}");
+    assert_eq!(letter["attempts"], 1, "at once: {letter}");
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("sink postgres://") && error.contains("SQLSTATE 22P05"),
+        "{error}"
+    );
+    assert_eq!(
+        db.query("SELECT string_agg(id, ',' ORDER BY id) FROM events"),
+        "fine-1,fine-2"
+    );
+}
