@@ -319,23 +319,31 @@ impl conveyor_sink::Sink for PickySink {
     }
 }
 
-fn one_sink(sink: Arc<dyn conveyor_sink::Sink>) -> Routing {
+/// A pool on a memory queue with no stages and `sink`, and a DLQ of 100.
+fn pool_writing_to(
+    sink: Arc<dyn conveyor_sink::Sink>,
+    config: WorkerPoolConfig,
+) -> (MemoryQueue, Arc<WorkerPool>) {
     let no_stages = conveyor_pipeline::Pipelines::from_shorthands(&[]).expect("no stages");
-    Routing::single(no_stages, sink).expect("routing")
+    let queue = MemoryQueue::new(MemoryQueueConfig::default());
+    let pool = WorkerPool::new(
+        Arc::new(queue.clone()),
+        Routing::single(no_stages, sink).expect("routing"),
+        Arc::new(MemoryDeadLetters::new(100)),
+        config,
+    );
+    (queue, pool)
 }
 
 #[tokio::test]
 async fn a_sink_down_longer_than_max_attempts_loses_nothing_and_dead_letters_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("out.ndjson");
-    let queue = MemoryQueue::new(MemoryQueueConfig::default());
-    let processor = WorkerPool::new(
-        Arc::new(queue.clone()),
-        one_sink(Arc::new(FlakySink {
+    let (queue, processor) = pool_writing_to(
+        Arc::new(FlakySink {
             inner: FileSink::open(&path).expect("sink"),
             failures: 40.into(),
-        })),
-        Arc::new(MemoryDeadLetters::new(100)),
+        }),
         WorkerPoolConfig {
             workers: 2,
             batch_size: 8,
@@ -400,13 +408,10 @@ async fn a_sink_down_longer_than_max_attempts_loses_nothing_and_dead_letters_not
 async fn events_a_sink_refuses_for_good_go_to_the_dlq_at_once_and_the_rest_are_written() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("out.ndjson");
-    let queue = MemoryQueue::new(MemoryQueueConfig::default());
-    let processor = WorkerPool::new(
-        Arc::new(queue.clone()),
-        one_sink(Arc::new(PickySink {
+    let (queue, processor) = pool_writing_to(
+        Arc::new(PickySink {
             inner: FileSink::open(&path).expect("sink"),
-        })),
-        Arc::new(MemoryDeadLetters::new(100)),
+        }),
         WorkerPoolConfig {
             workers: 2,
             batch_size: 16,

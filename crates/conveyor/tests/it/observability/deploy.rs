@@ -36,7 +36,7 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         run_promtool(&["check", "config", config], &dir);
     }
     let rules = run_promtool(&["check", "rules", "alerts.yml"], &dir);
-    assert!(rules.contains("9 rules found"), "{rules}");
+    assert!(rules.contains("10 rules found"), "{rules}");
     let tests = run_promtool(&["test", "rules", "alerts.test.yml"], &dir);
     assert!(tests.contains("SUCCESS"), "{tests}");
 }
