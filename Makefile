@@ -28,6 +28,7 @@ bench:
 	cargo bench -p conveyor-proto --bench protobuf
 	cargo bench -p conveyor-queue-nats --bench nats_path
 	cargo bench -p conveyor-queue-kafka --bench kafka_path
+	cargo bench -p conveyor-sink-postgres --bench insert
 
 ## End-to-end benchmark: ceiling, run, split, NATS, scaling; appends to BENCHMARKS.md.
 bench-e2e:
