@@ -40,6 +40,12 @@ pub async fn send_batches(
     .await
 }
 
+/// How long a sender keeps retrying a batch answered 503 before it counts as a failure: long
+/// enough for a broker that a crash test made slow to answer again.
+const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// [`send_batches`] to any URL. A batch answered 503 is sent again after its `Retry-After`
+/// (each send goes into the ledger, so a first send that landed after all is no duplicate).
 pub async fn send_batches_to(
     http: reqwest::Client,
     url: String,
@@ -65,22 +71,39 @@ pub async fn send_batches_to(
                 }
                 let to = (from + per_batch).min(count);
                 let ids: Vec<String> = (from..to).map(|i| format!("{tag}-{i}")).collect();
-                ledger.sent(ids.iter().map(String::as_str));
                 let body: String = (from..to)
                     .map(|i| format!("{}\n", event_body(&tag, i)))
                     .collect();
-                let response = http
-                    .post(&url)
-                    .header("content-type", "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap_or_else(|e| panic!("POST batch {from}..{to}: {e}"));
-                let (code, answer) = read_json(response).await;
-                assert!(
-                    code == 202 || code == 207,
-                    "batch {from}..{to} answered {code}: {answer}"
-                );
+                // A 503 says "not taken, try again after Retry-After" (the queue is out of
+                // reach or gave no answer in time): a client does, with the same ids.
+                let retry_until = Instant::now() + UNAVAILABLE_RETRY_FOR;
+                let answer = loop {
+                    ledger.sent(ids.iter().map(String::as_str));
+                    let response = http
+                        .post(&url)
+                        .header("content-type", "application/x-ndjson")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap_or_else(|e| panic!("POST batch {from}..{to}: {e}"));
+                    let retry_after = response.headers().get("retry-after").cloned();
+                    let (code, answer) = read_json(response).await;
+                    if code == 503 && Instant::now() < retry_until {
+                        let secs: u64 = retry_after
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                            .unwrap_or_else(|| {
+                                panic!("a 503 for batch {from}..{to} without Retry-After: {answer}")
+                            });
+                        eprintln!("batch {from}..{to} answered 503, again in {secs} s: {answer}");
+                        tokio::time::sleep(Duration::from_secs(secs)).await;
+                        continue;
+                    }
+                    assert!(
+                        code == 202 || code == 207,
+                        "batch {from}..{to} answered {code}: {answer}"
+                    );
+                    break answer;
+                };
                 for result in answer["results"].as_array().expect("results") {
                     if let Some(id) = result["messageId"].as_str() {
                         ledger.promised(id, "http_batch");
