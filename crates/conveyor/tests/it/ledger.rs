@@ -128,7 +128,7 @@ impl Ledger {
         lost.sort_by_key(|(_, promise)| promise.at);
         let mut duplicated: Vec<(String, usize)> = counts
             .iter()
-            .filter(|(id, n)| **n > entries.sent.get(*id).copied().unwrap_or(1).max(1))
+            .filter(|(id, n)| **n > entries.sent.get(*id).copied().unwrap_or(1))
             .map(|(id, n)| (id.clone(), *n))
             .collect();
         duplicated.sort();
