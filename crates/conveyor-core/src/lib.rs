@@ -6,6 +6,7 @@
 //! snapshots every service reports.
 
 pub mod body;
+pub mod dedupe;
 pub mod display;
 pub mod error;
 pub mod event;

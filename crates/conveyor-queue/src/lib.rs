@@ -16,7 +16,8 @@
 //! - **Stats** are counts since start, and depth/in-flight right now.
 
 pub mod composite;
-pub mod dedupe;
+/// The dedupe window lives in `conveyor_core` (sinks use it too); here for the backends.
+pub use conveyor_core::dedupe;
 pub mod dlq;
 pub mod memory;
 

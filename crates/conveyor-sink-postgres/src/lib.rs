@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use conveyor_core::Event;
 use conveyor_sink::record::{write_data_value, write_metadata};
+use conveyor_sink::settings::Settings;
 use conveyor_sink::{Sink, SinkError};
 use tokio::sync::Semaphore;
 use tokio_postgres::config::{Host, SslMode};
@@ -86,60 +87,26 @@ impl PostgresSettings {
     pub fn from_settings(
         settings: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Self, String> {
-        let allowed = [
-            "type",
-            "url",
-            "table",
-            "create_table",
-            "connections",
-            "timeout_ms",
-        ];
-        if let Some(unknown) = settings.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(format!(
-                "a postgres sink has no setting `{unknown}` (settings: {})",
-                allowed[1..].join(", ")
-            ));
-        }
-        let url = settings
-            .get("url")
-            .and_then(|v| v.as_str())
-            .ok_or("a postgres sink needs `url` (postgres://user@host:5432/database)")?;
+        let settings = Settings::new(
+            "postgres",
+            settings,
+            &["url", "table", "create_table", "connections", "timeout_ms"],
+        )?;
+        let url = settings.required("url", "postgres://user@host:5432/database")?;
         let connection: tokio_postgres::Config = url.parse().map_err(|e| {
             format!(
                 "'{}' is not a PostgreSQL connection string: {e}",
-                redact(url)
+                redact(&url)
             )
         })?;
         if matches!(connection.get_ssl_mode(), SslMode::Require) {
             return Err("sslmode=require: TLS to PostgreSQL is not supported yet (use sslmode=disable, or prefer, which connects without TLS)".into());
         }
-        let text = |key: &str| -> Option<String> {
-            settings.get(key).map(|v| match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            })
-        };
-        let table = TableName::parse(&text("table").unwrap_or_else(|| "events".into()))?;
-        let create_table = match text("create_table").as_deref() {
-            None | Some("true") => true,
-            Some("false") => false,
-            Some(other) => return Err(format!("create_table is true or false, not '{other}'")),
-        };
-        let number = |key: &str, default: u64, range: std::ops::RangeInclusive<u64>| match text(key)
-        {
-            None => Ok(default),
-            Some(n) => n
-                .parse::<u64>()
-                .ok()
-                .filter(|n| range.contains(n))
-                .ok_or(format!(
-                    "{key} is a whole number from {} to {}, not '{n}'",
-                    range.start(),
-                    range.end()
-                )),
-        };
-        let connections = number("connections", 4, 1..=256)? as usize;
-        let timeout = Duration::from_millis(number("timeout_ms", 30_000, 1..=3_600_000)?);
+        let table = TableName::parse(&settings.text("table").unwrap_or_else(|| "events".into()))?;
+        let create_table = settings.boolean("create_table", true)?;
+        let connections = settings.number("connections", 4, 1..=256)? as usize;
+        let timeout =
+            Duration::from_millis(settings.number("timeout_ms", 30_000, 1..=3_600_000)?);
         Ok(PostgresSettings {
             connection,
             table,

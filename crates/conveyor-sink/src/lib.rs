@@ -40,6 +40,7 @@ use conveyor_core::Event;
 
 mod local;
 pub mod record;
+pub mod settings;
 
 pub use local::{BlackholeSink, FileSink, StdoutSink};
 

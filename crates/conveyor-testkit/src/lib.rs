@@ -6,13 +6,16 @@
 //! streams and node loss); [`KafkaBroker`] does the same with a tansu broker (Kafka protocol, in-memory storage). A test
 //! that cannot find the binary fails with a message saying how to get it: there is no silent
 //! skip. [`TestDatabase`] is a PostgreSQL database of a test's own; [`TcpGate`] makes a server
-//! unreachable and reachable again.
+//! unreachable and reachable again; [`WebhookReceiver`] is an HTTP receiver answering as a
+//! test's script says.
 
 mod gate;
 mod postgres;
+mod webhook;
 
 pub use gate::TcpGate;
 pub use postgres::{TestDatabase, psql};
+pub use webhook::{Received, Reply, WebhookReceiver};
 
 use std::future::Future;
 use std::net::{TcpListener, TcpStream};

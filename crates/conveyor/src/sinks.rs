@@ -1,17 +1,19 @@
 //! Which sink a `--sink` flag or a `[sinks.NAME]` table names, and opening it: the one place
 //! that knows every sink crate ([`conveyor_sink`] for the local ones,
-//! [`conveyor_sink_postgres`]).
+//! [`conveyor_sink_postgres`], [`conveyor_sink_http`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use conveyor_sink::settings::Settings;
 use conveyor_sink::{BlackholeSink, FileSink, Sink, StdoutSink};
+use conveyor_sink_http::{HttpSettings, HttpSink};
 use conveyor_sink_postgres::{PostgresSettings, PostgresSink};
 
-const KINDS: &str = "file, stdout, blackhole, postgres";
+const KINDS: &str = "file, stdout, blackhole, postgres, http";
 
 /// Where processed events go, as the `--sink` flag names it: `file:PATH`, `stdout`,
-/// `blackhole` or `postgres://…`. Parsed once, when the flag is read; [`SinkSpec::open`]
+/// `blackhole`, `postgres://…` or `http(s)://…`. Parsed once, when the flag is read; [`SinkSpec::open`]
 /// builds the sink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkSpec {
@@ -19,6 +21,7 @@ pub enum SinkSpec {
     Stdout,
     Blackhole,
     Postgres(Box<PostgresSettings>),
+    Http(Box<HttpSettings>),
 }
 
 impl std::str::FromStr for SinkSpec {
@@ -28,12 +31,15 @@ impl std::str::FromStr for SinkSpec {
         if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
             return PostgresSettings::from_url(spec).map(|s| SinkSpec::Postgres(Box::new(s)));
         }
+        if spec.starts_with("http://") || spec.starts_with("https://") {
+            return HttpSettings::from_url(spec).map(|s| SinkSpec::Http(Box::new(s)));
+        }
         match spec.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(SinkSpec::File(PathBuf::from(path))),
             None if spec == "stdout" => Ok(SinkSpec::Stdout),
             None if spec == "blackhole" => Ok(SinkSpec::Blackhole),
             _ => Err(format!(
-                "'{spec}' is not a sink; use file:PATH, stdout, blackhole or postgres://user@host:5432/db?table=events"
+                "'{spec}' is not a sink; use file:PATH, stdout, blackhole, postgres://user@host:5432/db?table=events or https://receiver/path"
             )),
         }
     }
@@ -47,6 +53,7 @@ impl std::fmt::Display for SinkSpec {
             SinkSpec::Stdout => f.write_str("stdout"),
             SinkSpec::Blackhole => f.write_str("blackhole"),
             SinkSpec::Postgres(settings) => f.write_str(&settings.describe()),
+            SinkSpec::Http(settings) => f.write_str(&settings.describe()),
         }
     }
 }
@@ -61,27 +68,24 @@ impl SinkSpec {
             .get("type")
             .and_then(|t| t.as_str())
             .ok_or_else(|| format!("no `type` ({KINDS})"))?;
-        if kind == "postgres" {
-            return PostgresSettings::from_settings(table).map(|s| SinkSpec::Postgres(Box::new(s)));
-        }
-        let allowed: &[&str] = match kind {
-            "file" => &["type", "path"],
-            "stdout" | "blackhole" => &["type"],
-            other => return Err(format!("unknown sink type '{other}' (known: {KINDS})")),
-        };
-        if let Some(unknown) = table.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(format!(
-                "a {kind} sink has no setting `{unknown}` (settings: {})",
-                allowed.join(", ")
-            ));
-        }
         Ok(match kind {
-            "file" => match table.get("path").and_then(|p| p.as_str()) {
-                Some(path) if !path.is_empty() => SinkSpec::File(PathBuf::from(path)),
-                _ => return Err("a file sink needs `path`".into()),
-            },
-            "stdout" => SinkSpec::Stdout,
-            _ => SinkSpec::Blackhole,
+            "postgres" => SinkSpec::Postgres(Box::new(PostgresSettings::from_settings(table)?)),
+            "http" => SinkSpec::Http(Box::new(HttpSettings::from_settings(table)?)),
+            "file" => {
+                let settings = Settings::new("file", table, &["path"])?;
+                SinkSpec::File(PathBuf::from(
+                    settings.required("path", "./data/out.ndjson")?,
+                ))
+            }
+            "stdout" => {
+                Settings::new(kind, table, &[])?;
+                SinkSpec::Stdout
+            }
+            "blackhole" => {
+                Settings::new(kind, table, &[])?;
+                SinkSpec::Blackhole
+            }
+            other => return Err(format!("unknown sink type '{other}' (known: {KINDS})")),
         })
     }
 
@@ -96,6 +100,7 @@ impl SinkSpec {
             SinkSpec::Stdout => Arc::new(StdoutSink),
             SinkSpec::Blackhole => Arc::new(BlackholeSink),
             SinkSpec::Postgres(settings) => PostgresSink::new(settings.as_ref().clone()),
+            SinkSpec::Http(settings) => Arc::new(HttpSink::new(settings.as_ref().clone())?),
         })
     }
 }
@@ -115,6 +120,10 @@ mod tests {
             .parse()
             .expect("a postgres sink");
         assert_eq!(postgres.to_string(), "postgres://db:5432/shop?table=orders");
+        let hook: SinkSpec = "https://hooks.example/in?token=t"
+            .parse()
+            .expect("an http sink");
+        assert_eq!(hook.to_string(), "https://hooks.example/in");
         let refused = "ftp:x".parse::<SinkSpec>().expect_err("not a sink");
         assert!(refused.contains("'ftp:x'"), "{refused}");
         let refused = "postgres://db/shop?table=a-b"
@@ -123,7 +132,7 @@ mod tests {
         assert!(refused.contains("'a-b' is not a table name"), "{refused}");
         let refused = SinkSpec::from_settings(&serde_json::json!({"type": "s3"})).expect_err("s3");
         assert!(
-            refused.contains("known: file, stdout, blackhole, postgres"),
+            refused.contains("known: file, stdout, blackhole, postgres, http"),
             "{refused}"
         );
     }

@@ -22,3 +22,4 @@ mod postgres;
 mod shutdown;
 mod split;
 mod tracing;
+mod webhook;

@@ -129,11 +129,8 @@ async fn with_postgres_out_of_reach_events_wait_and_then_reach_both_sinks_once()
 
     let dir = tempfile::tempdir().expect("tempdir");
     let archive = dir.path().join("archive.ndjson");
-    let config = dir.path().join("conveyor.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let config = format!(
+        r#"
 [defaults]
 route = ["db", "archive"]
 
@@ -147,12 +144,10 @@ timeout_ms = 2000
 type = "file"
 path = "{}"
 "#,
-            archive.display()
-        ),
-    )
-    .expect("config");
+        archive.display()
+    );
     let conveyor = Spawn::new("run")
-        .args(["--config", config.to_str().expect("utf-8 path")])
+        .config_file(dir.path(), &config)
         .args(["--max-attempts", "2", "--retry-backoff-ms", "20"])
         .start()
         .await;

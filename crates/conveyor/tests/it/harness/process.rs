@@ -131,6 +131,15 @@ impl Spawn {
         self
     }
 
+    /// Runs with the config file `toml`, written as `conveyor.toml` into `dir` (which the
+    /// caller keeps for as long as the process runs).
+    pub fn config_file(self, dir: &Path, toml: &str) -> Self {
+        let path = dir.join("conveyor.toml");
+        std::fs::write(&path, toml).expect("write the config file");
+        let path = path.to_str().expect("a UTF-8 path").to_owned();
+        self.args(["--config", &path])
+    }
+
     /// Writes the file sink at `path` (which outlives the process, e.g. across a restart).
     pub fn sink_at(mut self, path: &Path) -> Self {
         self.sink = SinkMode::At(path.to_owned());

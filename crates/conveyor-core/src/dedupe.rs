@@ -1,10 +1,11 @@
-//! The publish-side dedupe window: "was this event's dedupe key published recently?", for
-//! backends whose broker cannot answer it (memory, Kafka).
+//! A bounded window of recent dedupe keys: "was this event's dedupe key seen recently?". The
+//! queue backends whose broker cannot answer it (memory, Kafka) ask it on publish; a sink that
+//! sends an event in several requests asks it so that a retried batch skips what was delivered.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
-use conveyor_core::Event;
+use crate::Event;
 
 /// Remembers the last `limit` dedupe keys as 128-bit fingerprints: no allocation per key, and
 /// a false "duplicate" (two different keys with one fingerprint inside the window) has odds
@@ -54,6 +55,11 @@ impl DedupeWindow {
         true
     }
 
+    /// Whether the event's dedupe key is inside the window (without recording it).
+    pub fn contains(&self, event: &Event) -> bool {
+        self.limit > 0 && self.seen.contains(&self.fingerprint(event))
+    }
+
     /// Takes the event's key out again: its publish failed, so a retry must not be called a
     /// duplicate. (Its slot in the eviction order stays; at worst the window is a little
     /// shorter for a while.)
@@ -94,13 +100,26 @@ impl Hasher for FingerprintHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::event;
-    use conveyor_core::REPLAY_HEADER;
+    use crate::{ContentType, REPLAY_HEADER};
+
+    fn event(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            source: "test".into(),
+            timestamp_ms: 1,
+            payload: bytes::Bytes::from_static(b"{}"),
+            content_type: ContentType::Json,
+            metadata: Default::default(),
+            attempt: 0,
+            headers: Default::default(),
+        }
+    }
 
     #[test]
     fn a_key_inside_the_window_is_a_duplicate_and_forgotten_beyond_it() {
         let mut window = DedupeWindow::new(2);
         assert!(window.insert(&event("a")));
+        assert!(window.contains(&event("a")) && !window.contains(&event("b")));
         assert!(!window.insert(&event("a")), "same id again");
         assert!(window.insert(&event("b")));
         assert!(window.insert(&event("c")), "evicts a");
