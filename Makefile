@@ -29,6 +29,7 @@ bench:
 	cargo bench -p conveyor-queue-nats --bench nats_path
 	cargo bench -p conveyor-queue-kafka --bench kafka_path
 	cargo bench -p conveyor-sink-postgres --bench insert
+	cargo bench -p conveyor-sink-http --bench send
 
 ## End-to-end benchmark: ceiling, run, split, NATS, scaling; appends to BENCHMARKS.md.
 bench-e2e:

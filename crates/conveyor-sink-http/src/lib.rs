@@ -5,10 +5,10 @@
 //!
 //! # Answers
 //!
-//! - **2xx**: written. Its events are remembered for a while (a window of recent ids), so
-//!   when another request of the same batch failed and the batch comes back, only what was not
+//! - **2xx**: written. When another request of the same batch failed, so that the batch comes
+//!   back, its events are remembered for a while (a window of recent ids) and only what was not
 //!   confirmed is sent again: a receiver that fails one request in ten must not make a batch of
-//!   a hundred retry forever.
+//!   a hundred retry forever. (A first delivery, `attempt` 1, is never looked up.)
 //! - **408, 429, 5xx**, a timeout, a refused or lost connection: retryable; the events go back
 //!   to the queue and are sent again until confirmed. A `Retry-After` (seconds or an HTTP date,
 //!   at most [`MAX_RETRY_AFTER`]) is honoured by the whole sink: no request goes to the receiver
@@ -164,42 +164,55 @@ impl HttpSink {
 
     /// The requests that carry `pending` (indices into `events`).
     fn requests(&self, events: &[Event], pending: &[usize], processed_at_ms: u64) -> Vec<Request> {
-        let mut record = Vec::with_capacity(512);
-        let mut render = |at: usize| {
-            record.clear();
-            write_record(&mut record, &events[at], processed_at_ms);
-            record.pop(); // the line's newline
-            record.clone()
-        };
         if self.settings.encoding == Encoding::Event {
             return pending
                 .iter()
-                .map(|&at| Request {
-                    key: events[at].id.to_string(),
-                    body: Bytes::from(render(at)),
-                    events: vec![at],
+                .map(|&at| {
+                    let mut body = Vec::with_capacity(256 + events[at].payload.len());
+                    write_record(&mut body, &events[at], processed_at_ms);
+                    body.pop(); // the line's newline
+                    Request {
+                        key: events[at].id.to_string(),
+                        body: Bytes::from(body),
+                        events: vec![at],
+                    }
                 })
                 .collect();
         }
         let array = self.settings.encoding == Encoding::Array;
+        // Records are written straight into the body; one that makes it too big moves on to
+        // the next request.
+        let start = |body: &mut Vec<u8>| {
+            if array {
+                body.push(b'[');
+            }
+        };
         let mut requests = Vec::new();
-        let mut body = Vec::new();
+        let mut body = Vec::with_capacity(self.settings.max_bytes.min(1 << 20));
+        start(&mut body);
         let mut carried = Vec::new();
         for &at in pending {
-            let line = render(at);
-            let full = carried.len() == self.settings.max_events
-                || (!carried.is_empty() && body.len() + line.len() + 2 > self.settings.max_bytes);
-            if full {
+            if carried.len() == self.settings.max_events {
                 requests.push(self.batch_request(events, &mut body, &mut carried, array));
+                start(&mut body);
             }
-            body.push(if !array {
-                b'\n'
-            } else if carried.is_empty() {
-                b'['
-            } else {
-                b','
-            });
-            body.extend_from_slice(&line);
+            let mark = body.len();
+            if array && !carried.is_empty() {
+                body.push(b',');
+            }
+            write_record(&mut body, &events[at], processed_at_ms);
+            if array {
+                body.pop();
+            }
+            // `]` still to come for an array.
+            if body.len() + usize::from(array) > self.settings.max_bytes && !carried.is_empty() {
+                let record = body.split_off(mark);
+                requests.push(self.batch_request(events, &mut body, &mut carried, array));
+                start(&mut body);
+                // Without the comma that led it.
+                let record = if array { &record[1..] } else { &record[..] };
+                body.extend_from_slice(record);
+            }
             carried.push(at);
         }
         if !carried.is_empty() {
@@ -208,7 +221,7 @@ impl HttpSink {
         requests
     }
 
-    /// A request of the records in `body` (each starting with its separator), emptied.
+    /// A request of the records in `body` (an array not yet closed), leaving both empty.
     fn batch_request(
         &self,
         events: &[Event],
@@ -216,13 +229,10 @@ impl HttpSink {
         carried: &mut Vec<usize>,
         array: bool,
     ) -> Request {
-        let mut bytes = std::mem::take(body);
+        let capacity = body.capacity();
+        let mut bytes = std::mem::replace(body, Vec::with_capacity(capacity));
         if array {
             bytes.push(b']');
-        } else {
-            // Separators lead: move the first newline to the end.
-            bytes.remove(0);
-            bytes.push(b'\n');
         }
         let carried = std::mem::take(carried);
         Request {
@@ -407,10 +417,19 @@ impl Sink for HttpSink {
         {
             let answered = self.answered();
             for (at, event) in events.iter().enumerate() {
+                // The windows hold only events of writes that failed, so a first delivery
+                // cannot be there: the common case asks nothing.
+                if event.attempt <= 1 {
+                    pending.push(at);
+                    continue;
+                }
                 if answered.confirmed.contains(event) {
                     continue;
                 }
-                match answered.refused.get(&event.dedupe_key()) {
+                let known = (!answered.refused.is_empty())
+                    .then(|| answered.refused.get(&event.dedupe_key()))
+                    .flatten();
+                match known {
                     Some(message) => refused.push((at, message.clone())),
                     None => pending.push(at),
                 }
@@ -427,14 +446,10 @@ impl Sink for HttpSink {
         let requests = self.requests(events, &pending, processed_at_ms);
         let answers = futures_util::future::join_all(requests.iter().map(|r| self.send(r))).await;
         let mut retry: Option<(String, Option<Duration>, usize)> = None;
-        let mut answered = self.answered();
+        let mut delivered = Vec::new();
         for (request, answer) in requests.iter().zip(answers) {
             match answer {
-                Answer::Delivered => {
-                    for &at in &request.events {
-                        answered.confirmed.insert(&events[at]);
-                    }
-                }
+                Answer::Delivered => delivered.extend_from_slice(&request.events),
                 Answer::Retry {
                     message,
                     retry_after,
@@ -448,8 +463,13 @@ impl Sink for HttpSink {
                 }
             }
         }
+        let mut answered = self.answered();
         if let Some((message, retry_after, count)) = retry {
-            // The batch comes back for the others; its refusals are final and wait here.
+            // The batch comes back for the others: what was confirmed is not sent again, and
+            // its refusals are final and wait here.
+            for &at in &delivered {
+                answered.confirmed.insert(&events[at]);
+            }
             for (at, message) in &refused {
                 answered.refuse(events[*at].dedupe_key(), message.clone());
             }
@@ -467,8 +487,10 @@ impl Sink for HttpSink {
             });
         }
         // Reported now, so forgotten: a replay of the letter is sent afresh.
-        for (at, _) in &refused {
-            answered.refused.remove(&events[*at].dedupe_key());
+        if !answered.refused.is_empty() {
+            for (at, _) in &refused {
+                answered.refused.remove(&events[*at].dedupe_key());
+            }
         }
         drop(answered);
         if !refused.is_empty() {

@@ -15,13 +15,21 @@ fn event(id: &str) -> Event {
         payload: Bytes::from(format!("{{\"n\":\"{id}\"}}")),
         content_type: ContentType::Json,
         metadata: BTreeMap::new().into(),
-        attempt: 0,
+        attempt: 1,
         headers: BTreeMap::new(),
     }
 }
 
 fn events(n: usize) -> Vec<Event> {
     (0..n).map(|i| event(&format!("e{i}"))).collect()
+}
+
+/// The batch as the queue delivers it again: one attempt more.
+fn again(batch: &mut [Event]) -> &[Event] {
+    for event in batch.iter_mut() {
+        event.attempt += 1;
+    }
+    batch
 }
 
 fn settings(table: serde_json::Value) -> Result<HttpSettings, String> {
@@ -230,17 +238,21 @@ async fn a_retried_batch_sends_only_what_the_receiver_did_not_confirm() {
     })
     .await;
     let sink = sink(serde_json::json!({"url": receiver.url("/")}));
-    let batch = events(6);
+    let mut batch = events(6);
     for round in 0..2 {
-        let error = sink.write(&batch, 1).await.expect_err("e3 failed");
+        let error = sink
+            .write(again(&mut batch), 1)
+            .await
+            .expect_err("e3 failed");
         assert!(error.is_retryable(), "{error}");
         assert_eq!(
             error.message, "HTTP 503 Service Unavailable: busy (1 of 6 events to send again)",
             "round {round}"
         );
     }
-    sink.write(&batch, 1).await.expect("all confirmed");
-    sink.write(&batch, 1).await.expect("nothing left to send");
+    sink.write(again(&mut batch), 1)
+        .await
+        .expect("all confirmed");
     let requests = receiver.requests();
     assert_eq!(requests.len(), 8, "6 once, then e3 twice more");
     assert_eq!(requests.iter().filter(|r| r.key() == "e3").count(), 3);
@@ -366,10 +378,13 @@ async fn a_refusal_in_a_batch_sent_again_for_others_is_asked_once_and_reported_a
     })
     .await;
     let sink = sink(serde_json::json!({"url": receiver.url("/")}));
-    let batch = events(3);
+    let mut batch = events(3);
     let error = sink.write(&batch, 1).await.expect_err("e2 failed");
     assert!(error.is_retryable(), "{error}");
-    let error = sink.write(&batch, 1).await.expect_err("e1 refused");
+    let error = sink
+        .write(again(&mut batch), 1)
+        .await
+        .expect_err("e1 refused");
     assert_eq!(
         error.kind,
         ErrorKind::Rejected(vec![(1, "HTTP 400 Bad Request: no".to_owned())])
@@ -382,6 +397,6 @@ async fn a_refusal_in_a_batch_sent_again_for_others_is_asked_once_and_reported_a
     assert_eq!(keys.iter().filter(|k| *k == "e1").count(), 1, "{keys:?}");
     assert_eq!(keys.len(), 4, "e0, e1, e2, then e2 again: {keys:?}");
     // Reported, so forgotten: a replay of the letter asks the receiver again.
-    let _ = sink.write(&batch[1..2], 1).await;
+    let _ = sink.write(&again(&mut batch)[1..2], 1).await;
     assert_eq!(receiver.requests().len(), 5);
 }
