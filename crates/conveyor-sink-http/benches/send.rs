@@ -9,13 +9,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
 
 use conveyor_core::{ContentType, Event};
 use conveyor_sink::Sink;
 use conveyor_sink::record::write_record;
 use conveyor_sink_http::{HttpSettings, HttpSink};
+use conveyor_testkit::publish_rate;
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -56,41 +55,12 @@ async fn receiver() -> String {
     format!("http://{address}/events")
 }
 
-/// `tasks` tasks taking the next `step` items of `0..total` and handing them to `work`;
-/// items per second.
-async fn drive<F, Fut>(total: usize, step: usize, tasks: usize, work: F) -> f64
-where
-    F: Fn(std::ops::Range<usize>) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let (next, work) = (Arc::clone(&next), work.clone());
-            tokio::spawn(async move {
-                loop {
-                    let from = next.fetch_add(step, Ordering::Relaxed);
-                    if from >= total {
-                        break;
-                    }
-                    work(from..(from + step).min(total)).await;
-                }
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.expect("task");
-    }
-    total as f64 / started.elapsed().as_secs_f64()
-}
-
 /// What a hand-written client does: renders each body and POSTs it, `concurrency` at a time,
 /// with an `Idempotency-Key`.
 async fn raw(url: &str, events: Arc<Vec<Event>>, per_request: usize, concurrency: usize) -> f64 {
     let client = reqwest::Client::new();
     let url = url.to_owned();
-    drive(events.len(), per_request, concurrency, move |range| {
+    publish_rate(events.len(), concurrency, per_request, move |range| {
         let (client, url, events) = (client.clone(), url.clone(), Arc::clone(&events));
         async move {
             let mut body = Vec::with_capacity(256 * range.len());
@@ -132,7 +102,7 @@ async fn sink(
     )
     .expect("settings");
     let sink = Arc::new(HttpSink::new(settings).expect("sink"));
-    drive(events.len(), batch, workers, move |range| {
+    publish_rate(events.len(), workers, batch, move |range| {
         let (sink, events) = (Arc::clone(&sink), Arc::clone(&events));
         async move {
             sink.write(&events[range], 1).await.expect("sink write");
