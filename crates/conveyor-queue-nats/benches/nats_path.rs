@@ -50,7 +50,7 @@ async fn raw_publish(url: &str, events: usize, round: usize) -> f64 {
     let started = Instant::now();
     let mut window = VecDeque::with_capacity(WINDOW);
     for i in 0..events {
-        let (headers, payload) = conveyor_queue_nats::encode_for_bench(event(i));
+        let (headers, payload) = conveyor_queue_nats::encode(event(i));
         let ack = js
             .publish_with_headers(
                 format!("raw.{round}.{}", std::process::id()),

@@ -129,7 +129,7 @@ impl NatsArgs {
             .map_err(|e| OpenError::Config(format!("NATS_URL (--nats-url): {e}")))?;
         let queue = NatsQueue::connect(config.clone())
             .await
-            .map_err(|e| OpenError::Unreachable(format!("NATS_URL {}: {e}", config.url)))?;
+            .map_err(|e| OpenError::Unreachable(format!("NATS_URL: {e}")))?;
         let dlq = if shared.dlq_capacity > 0 {
             Some(
                 NatsDeadLetters::open(queue.jetstream().clone(), &config)

@@ -64,6 +64,18 @@ impl NatsConfig {
         parse_servers(&self.url)
     }
 
+    /// The servers as they may be shown: without user, password or token.
+    pub fn shown_url(&self) -> String {
+        match self.servers() {
+            Ok(servers) => servers
+                .iter()
+                .map(crate::without_credentials)
+                .collect::<Vec<_>>()
+                .join(","),
+            Err(_) => "(a bad server list)".into(),
+        }
+    }
+
     /// JetStream storage for the streams conveyor creates.
     pub(crate) fn storage_type(&self) -> async_nats::jetstream::stream::StorageType {
         if self.file_storage {

@@ -39,14 +39,8 @@ mod setup;
 pub use args::{NatsArgs, NatsStorage};
 pub use config::{NatsConfig, parse_servers};
 pub use dlq::NatsDeadLetters;
-pub use queue::NatsQueue;
-
-/// The message a publish sends for an event (headers and payload); exposed for the benchmark
-/// that compares conveyor's path with the raw client's on the same bytes.
-#[doc(hidden)]
-pub fn encode_for_bench(event: conveyor_core::Event) -> (async_nats::HeaderMap, bytes::Bytes) {
-    queue::encode(event)
-}
+pub use queue::{NatsQueue, connect, encode, without_credentials};
+pub use setup::ensure_stream;
 
 #[cfg(test)]
 mod tests;

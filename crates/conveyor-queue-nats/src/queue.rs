@@ -53,30 +53,38 @@ struct Counters {
     terminated: AtomicU64,
 }
 
-/// Connects to the server(s), retrying for up to `connect_within`. With several servers (a
-/// cluster's seeds) the client tries each, and later reconnects to any of them or to the
-/// cluster members the servers announce.
-pub(crate) async fn connect(
+/// Connects to the server(s), retrying for up to `connect_within` (zero: one try). With
+/// several servers (a cluster's seeds) the client tries each, and later reconnects to any of
+/// them or to the cluster members the servers announce. Credentials in the first server's URL
+/// (`nats://user:password@host`, or `nats://token@host`) are sent on connect; they never
+/// appear in a log line or an error.
+pub async fn connect(
     servers: &[async_nats::ServerAddr],
     connect_within: Duration,
 ) -> Result<Client, String> {
     let named = || {
         servers
             .iter()
-            .map(|s| s.as_url_str().trim_end_matches('/'))
+            .map(without_credentials)
             .collect::<Vec<_>>()
             .join(",")
     };
     let deadline = tokio::time::Instant::now() + connect_within;
     loop {
-        let attempt = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new()
             .name("conveyor")
             .connection_timeout(Duration::from_secs(2))
             // After start-up the client reconnects for ever; publishes fail fast meanwhile.
-            .max_reconnects(None)
-            .connect(servers.to_vec())
-            .await;
-        match attempt {
+            .max_reconnects(None);
+        if let Some(first) = servers.first()
+            && let Some(user) = first.username()
+        {
+            options = match first.password() {
+                Some(password) => options.user_and_password(user.into(), password.into()),
+                None => options.token(user.into()),
+            };
+        }
+        match options.connect(servers.to_vec()).await {
             Ok(client) => return Ok(client),
             Err(error) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(servers = %named(), %error, "cannot reach NATS yet; retrying");
@@ -85,6 +93,15 @@ pub(crate) async fn connect(
             Err(error) => return Err(format!("cannot connect to NATS at {}: {error}", named())),
         }
     }
+}
+
+/// A server as it may be shown: `nats://host:port`, without user, password or token.
+pub fn without_credentials(server: &async_nats::ServerAddr) -> String {
+    let scheme = server
+        .as_url_str()
+        .split_once("://")
+        .map_or("nats", |(scheme, _)| scheme);
+    format!("{scheme}://{}:{}", server.host(), server.port())
 }
 
 impl NatsQueue {
@@ -179,8 +196,9 @@ fn consumer_config(config: &NatsConfig) -> pull::Config {
     }
 }
 
-/// Encodes an event as a message payload and headers.
-pub(crate) fn encode(event: Event) -> (HeaderMap, Bytes) {
+/// The message the queue stores for an event (headers and payload). The NATS sink's `event`
+/// encoding sends the same, so that another conveyor can take the subject as its queue.
+pub fn encode(event: Event) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", event.dedupe_key().as_str());
     headers.insert(ENCODING_HEADER, "proto");
@@ -254,37 +272,38 @@ impl Publisher for NatsQueue {
         if !self.connected() {
             return vec![Err(PublishError::Unavailable("not connected to NATS".into())); count];
         }
-        // Send every publish first, then wait for the PubAcks together: one round trip for
-        // the whole batch instead of one per event. The semaphore bounds what is in flight.
-        let mut pending = Vec::with_capacity(count);
-        for event in events {
-            let permit = match Arc::clone(&self.inner.in_flight).acquire_owned().await {
-                Ok(permit) => permit,
-                Err(_) => {
-                    pending.push(Err(PublishError::Closed));
-                    continue;
-                }
+        // Send a round of publishes, then wait for their PubAcks together: one round trip per
+        // round instead of one per event. A round takes all its in-flight permits at once, so
+        // no publish holds part of the bound while waiting for the rest (several batches, or
+        // one larger than the bound, would otherwise wait for each other for ever).
+        let most = self.inner.config.max_in_flight_publishes.max(1);
+        let mut results = Vec::with_capacity(count);
+        let mut events = events.into_iter().peekable();
+        while events.peek().is_some() {
+            let round: Vec<Event> = events.by_ref().take(most).collect();
+            let Ok(_permits) = self.inner.in_flight.acquire_many(round.len() as u32).await else {
+                results.extend(round.iter().map(|_| Err(PublishError::Closed)));
+                continue;
             };
-            let (headers, payload) = encode(event);
-            let sent = self
-                .inner
-                .js
-                .publish_with_headers(self.inner.config.subject.clone(), headers, payload)
-                .await;
-            pending.push(match sent {
-                Ok(ack) => Ok((ack, permit)),
-                Err(error) => Err(publish_error(&error)),
-            });
-        }
-        let acks = pending.into_iter().map(|sent| async move {
-            let (ack, _permit) = sent?;
-            match ack.await {
-                Ok(ack) if ack.duplicate => Ok(Published::Duplicate),
-                Ok(_) => Ok(Published::Stored),
-                Err(error) => Err(publish_error(&error)),
+            let mut pending = Vec::with_capacity(round.len());
+            for event in round {
+                let (headers, payload) = encode(event);
+                let sent = self
+                    .inner
+                    .js
+                    .publish_with_headers(self.inner.config.subject.clone(), headers, payload)
+                    .await;
+                pending.push(sent.map_err(|error| publish_error(&error)));
             }
-        });
-        let results = futures_util::future::join_all(acks).await;
+            let acks = pending.into_iter().map(|sent| async move {
+                match sent?.await {
+                    Ok(ack) if ack.duplicate => Ok(Published::Duplicate),
+                    Ok(_) => Ok(Published::Stored),
+                    Err(error) => Err(publish_error(&error)),
+                }
+            });
+            results.extend(futures_util::future::join_all(acks).await);
+        }
         let duplicates = results
             .iter()
             .filter(|r| matches!(r, Ok(Published::Duplicate)))
@@ -303,7 +322,7 @@ impl Publisher for NatsQueue {
         if !self.connected() {
             return Health::Unhealthy(format!(
                 "not connected to NATS at {}",
-                self.inner.config.url
+                self.inner.config.shown_url()
             ));
         }
         // Connected is not enough on a cluster: the stream needs a leader and a quorum to

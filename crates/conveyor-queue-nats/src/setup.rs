@@ -107,8 +107,9 @@ impl Backoff {
 }
 
 /// Finds the stream `wanted.name`, or creates it with `wanted`; then checks that what exists
-/// has the settings conveyor depends on.
-pub(crate) async fn ensure_stream(
+/// has the settings conveyor depends on. `role` names the stream in errors ("work-queue",
+/// "dead-letter", "sink").
+pub async fn ensure_stream(
     js: &Context,
     wanted: stream::Config,
     role: &str,

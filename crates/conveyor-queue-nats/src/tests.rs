@@ -177,3 +177,34 @@ async fn eventually_in_flight(queue: &NatsQueue, at_least: u64) -> u64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Several publishes whose batches together ask for more than the in-flight bound, and one
+/// batch larger than the bound alone: none may hold part of the bound while waiting for the
+/// rest (each would wait for the others, or for itself, for ever).
+#[tokio::test]
+async fn concurrent_batches_larger_together_than_the_in_flight_bound_all_complete() {
+    let server = NatsServer::start();
+    let config = NatsConfig {
+        max_in_flight_publishes: 100,
+        ..test_config(&server, 10_000)
+    };
+    let queue = NatsQueue::connect(config).await.expect("connect");
+    let batches = (0..8).map(|b| {
+        let queue = queue.clone();
+        async move {
+            let size = if b == 0 { 250 } else { 90 };
+            let events = (0..size)
+                .map(|i| conveyor_queue::conformance::event(&format!("b{b}-{i}")))
+                .collect();
+            queue.publish(events).await
+        }
+    });
+    let results = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(batches),
+    )
+    .await
+    .expect("the publishes deadlocked on the in-flight bound");
+    let stored = results.iter().flatten().filter(|r| r.is_ok()).count();
+    assert_eq!(stored, 250 + 7 * 90);
+}
