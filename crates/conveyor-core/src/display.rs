@@ -1,4 +1,21 @@
-//! Numbers as the command-line tools print them (`conveyor load`'s report, `conveyor status`).
+//! Numbers as the command-line tools print them (`conveyor load`'s report, `conveyor status`),
+//! and errors as people read them.
+
+/// An error with its causes, e.g. "error sending request: … Connection refused" (clients'
+/// own texts often name only the kind of failure); a cause already in the text is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
 
 /// `1234567` → `1,234,567`.
 pub fn thousands(n: u64) -> String {

@@ -22,14 +22,14 @@
 //! A request may reach the receiver and its answer be lost (a timeout, a crash before the
 //! ack): at-least-once. The receiver dedupes by `Idempotency-Key` (`webhook-id`).
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::Event;
-use conveyor_core::dedupe::DedupeWindow;
+use conveyor_core::display::error_chain;
+use conveyor_sink::answers::Answers;
 use conveyor_sink::record::write_record;
 use conveyor_sink::{Sink, SinkError};
 use reqwest::StatusCode;
@@ -45,12 +45,6 @@ pub use sign::signature;
 /// The longest `Retry-After` honoured: a receiver asking for more is retried after this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
-/// How many confirmed events the sink remembers, to skip them when their batch comes back.
-const DELIVERED_WINDOW: usize = 100_000;
-
-/// How many refusals the sink remembers while their batch is retried for other events.
-const REFUSED_WINDOW: usize = 10_000;
-
 /// How much of a refusing receiver's answer goes into the error (and so the DLQ).
 const ANSWER_START: usize = 256;
 
@@ -63,29 +57,7 @@ pub struct HttpSink {
     /// No request before this: the receiver's `Retry-After`.
     paused_until: Mutex<Option<Instant>>,
     /// What the receiver answered lately, for events whose batch comes back.
-    answered: Mutex<Answered>,
-}
-
-/// Events the receiver confirmed, and events it refused whose batch had to be sent again for
-/// others' sake: a retried batch skips the first and reports the second without asking again.
-struct Answered {
-    confirmed: DedupeWindow,
-    /// By dedupe key, the refusal's text; the oldest is forgotten first.
-    refused: HashMap<String, String>,
-    refused_order: VecDeque<String>,
-}
-
-impl Answered {
-    fn refuse(&mut self, key: String, message: String) {
-        if self.refused_order.len() == REFUSED_WINDOW
-            && let Some(oldest) = self.refused_order.pop_front()
-        {
-            self.refused.remove(&oldest);
-        }
-        if self.refused.insert(key.clone(), message).is_none() {
-            self.refused_order.push_back(key);
-        }
-    }
+    answers: Answers,
 }
 
 /// One request of a write: its body, its idempotency key, the events it carries (by index).
@@ -136,16 +108,8 @@ impl HttpSink {
             client,
             settings,
             paused_until: Mutex::new(None),
-            answered: Mutex::new(Answered {
-                confirmed: DedupeWindow::new(DELIVERED_WINDOW),
-                refused: HashMap::new(),
-                refused_order: VecDeque::new(),
-            }),
+            answers: Answers::default(),
         })
-    }
-
-    fn answered(&self) -> std::sync::MutexGuard<'_, Answered> {
-        self.answered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How long the receiver asked us to wait, if that is not over yet.
@@ -397,111 +361,35 @@ fn batch_key<'a>(ids: impl Iterator<Item = &'a str>) -> String {
     format!("batch_{hex}_{count}")
 }
 
-/// An error with its causes (reqwest's own text names only the URL).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[async_trait]
 impl Sink for HttpSink {
     async fn write(&self, events: &[Event], processed_at_ms: u64) -> Result<(), SinkError> {
-        let mut pending = Vec::with_capacity(events.len());
-        let mut refused = Vec::new();
-        {
-            let answered = self.answered();
-            for (at, event) in events.iter().enumerate() {
-                // The windows hold only events of writes that failed, so a first delivery
-                // cannot be there: the common case asks nothing.
-                if event.attempt <= 1 {
-                    pending.push(at);
-                    continue;
-                }
-                if answered.confirmed.contains(event) {
-                    continue;
-                }
-                let known = (!answered.refused.is_empty())
-                    .then(|| answered.refused.get(&event.dedupe_key()))
-                    .flatten();
-                match known {
-                    Some(message) => refused.push((at, message.clone())),
-                    None => pending.push(at),
-                }
+        let (pending, mut round) = self.answers.sort(events);
+        if !pending.is_empty() {
+            if let Some(wait) = self.paused() {
+                return Err(
+                    SinkError::retryable(self.describe(), pause_message(wait)).retry_after(wait)
+                );
             }
-        }
-        if pending.is_empty() && refused.is_empty() {
-            return Ok(());
-        }
-        if let Some(wait) = self.paused().filter(|_| !pending.is_empty()) {
-            return Err(
-                SinkError::retryable(self.describe(), pause_message(wait)).retry_after(wait)
-            );
-        }
-        let requests = self.requests(events, &pending, processed_at_ms);
-        let answers = futures_util::future::join_all(requests.iter().map(|r| self.send(r))).await;
-        let mut retry: Option<(String, Option<Duration>, usize)> = None;
-        let mut delivered = Vec::new();
-        for (request, answer) in requests.iter().zip(answers) {
-            match answer {
-                Answer::Delivered => delivered.extend_from_slice(&request.events),
-                Answer::Retry {
-                    message,
-                    retry_after,
-                } => {
-                    let slot = retry.get_or_insert((message, None, 0));
-                    slot.1 = slot.1.max(retry_after);
-                    slot.2 += request.events.len();
-                }
-                Answer::Refused(message) => {
-                    refused.extend(request.events.iter().map(|&at| (at, message.clone())));
+            let requests = self.requests(events, &pending, processed_at_ms);
+            let answers =
+                futures_util::future::join_all(requests.iter().map(|r| self.send(r))).await;
+            for (request, answer) in requests.iter().zip(answers) {
+                match answer {
+                    Answer::Delivered => round.delivered(request.events.iter().copied()),
+                    Answer::Retry {
+                        message,
+                        retry_after,
+                    } => round.retry(request.events.len(), message, retry_after),
+                    Answer::Refused(message) => {
+                        for &at in &request.events {
+                            round.refused(at, message.clone());
+                        }
+                    }
                 }
             }
         }
-        let mut answered = self.answered();
-        if let Some((message, retry_after, count)) = retry {
-            // The batch comes back for the others: what was confirmed is not sent again, and
-            // its refusals are final and wait here.
-            for &at in &delivered {
-                answered.confirmed.insert(&events[at]);
-            }
-            for (at, message) in &refused {
-                answered.refuse(events[*at].dedupe_key(), message.clone());
-            }
-            drop(answered);
-            let error = SinkError::retryable(
-                self.describe(),
-                format!(
-                    "{message} ({count} of {} events to send again)",
-                    events.len()
-                ),
-            );
-            return Err(match retry_after {
-                Some(after) => error.retry_after(after),
-                None => error,
-            });
-        }
-        // Reported now, so forgotten: a replay of the letter is sent afresh.
-        if !answered.refused.is_empty() {
-            for (at, _) in &refused {
-                answered.refused.remove(&events[*at].dedupe_key());
-            }
-        }
-        drop(answered);
-        if !refused.is_empty() {
-            refused.sort_unstable_by_key(|(at, _)| *at);
-            return Err(SinkError::rejected(
-                self.describe(),
-                format!("{} of {} events refused", refused.len(), events.len()),
-                refused,
-            ));
-        }
-        Ok(())
+        self.answers.settle(&self.described, events, round)
     }
 
     fn describe(&self) -> String {

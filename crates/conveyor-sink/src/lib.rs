@@ -38,6 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use conveyor_core::Event;
 
+pub mod answers;
 mod local;
 pub mod record;
 pub mod settings;

@@ -100,6 +100,43 @@ impl NatsServer {
     }
 }
 
+/// A message as a stream stores it: its `Nats-Msg-Id` (if any), headers and payload.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub msg_id: Option<String>,
+    pub headers: async_nats::HeaderMap,
+    pub payload: Vec<u8>,
+}
+
+impl NatsServer {
+    /// Every message `stream` holds now, oldest first (empty when there is no such stream).
+    pub async fn stream_messages(&self, stream: &str) -> Vec<StoredMessage> {
+        let client = async_nats::connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url()));
+        let js = async_nats::jetstream::new(client);
+        let Ok(mut found) = js.get_stream(stream).await else {
+            return Vec::new();
+        };
+        let state = found.info().await.expect("stream info").state.clone();
+        let mut messages = Vec::with_capacity(state.messages as usize);
+        for sequence in state.first_sequence..=state.last_sequence {
+            // A gap (a message deleted or acked away in a work queue) is not an error here.
+            if let Ok(message) = found.get_raw_message(sequence).await {
+                messages.push(StoredMessage {
+                    msg_id: message
+                        .headers
+                        .get("Nats-Msg-Id")
+                        .map(|v| v.as_str().to_owned()),
+                    headers: message.headers,
+                    payload: message.payload.to_vec(),
+                });
+            }
+        }
+        messages
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();

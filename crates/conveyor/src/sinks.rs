@@ -1,6 +1,7 @@
 //! Which sink a `--sink` flag or a `[sinks.NAME]` table names, and opening it: the one place
 //! that knows every sink crate ([`conveyor_sink`] for the local ones,
-//! [`conveyor_sink_postgres`], [`conveyor_sink_http`]).
+//! `conveyor_sink_postgres`, `conveyor_sink_http`, and `conveyor_sink_nats` in a build with the
+//! `nats` feature).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,12 +9,18 @@ use std::sync::Arc;
 use conveyor_sink::settings::Settings;
 use conveyor_sink::{BlackholeSink, FileSink, Sink, StdoutSink};
 use conveyor_sink_http::{HttpSettings, HttpSink};
+#[cfg(feature = "nats")]
+use conveyor_sink_nats::{NatsSink, NatsSinkSettings};
 use conveyor_sink_postgres::{PostgresSettings, PostgresSink};
 
-const KINDS: &str = "file, stdout, blackhole, postgres, http";
+const KINDS: &str = "file, stdout, blackhole, postgres, http, nats";
+
+#[cfg(not(feature = "nats"))]
+const WITHOUT_NATS: &str =
+    "this conveyor was built without NATS (cargo feature `nats`; the default build includes it)";
 
 /// Where processed events go, as the `--sink` flag names it: `file:PATH`, `stdout`,
-/// `blackhole`, `postgres://…` or `http(s)://…`. Parsed once, when the flag is read; [`SinkSpec::open`]
+/// `blackhole`, `postgres://…`, `http(s)://…` or `nats://…?subject=…`. Parsed once, when the flag is read; [`SinkSpec::open`]
 /// builds the sink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkSpec {
@@ -22,6 +29,8 @@ pub enum SinkSpec {
     Blackhole,
     Postgres(Box<PostgresSettings>),
     Http(Box<HttpSettings>),
+    #[cfg(feature = "nats")]
+    Nats(Box<NatsSinkSettings>),
 }
 
 impl std::str::FromStr for SinkSpec {
@@ -34,12 +43,18 @@ impl std::str::FromStr for SinkSpec {
         if spec.starts_with("http://") || spec.starts_with("https://") {
             return HttpSettings::from_url(spec).map(|s| SinkSpec::Http(Box::new(s)));
         }
+        if spec.starts_with("nats://") {
+            #[cfg(feature = "nats")]
+            return NatsSinkSettings::from_url(spec).map(|s| SinkSpec::Nats(Box::new(s)));
+            #[cfg(not(feature = "nats"))]
+            return Err(WITHOUT_NATS.into());
+        }
         match spec.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(SinkSpec::File(PathBuf::from(path))),
             None if spec == "stdout" => Ok(SinkSpec::Stdout),
             None if spec == "blackhole" => Ok(SinkSpec::Blackhole),
             _ => Err(format!(
-                "'{spec}' is not a sink; use file:PATH, stdout, blackhole, postgres://user@host:5432/db?table=events or https://receiver/path"
+                "'{spec}' is not a sink; use file:PATH, stdout, blackhole, postgres://user@host:5432/db?table=events, https://receiver/path or nats://host:4222?subject=orders.processed"
             )),
         }
     }
@@ -54,6 +69,8 @@ impl std::fmt::Display for SinkSpec {
             SinkSpec::Blackhole => f.write_str("blackhole"),
             SinkSpec::Postgres(settings) => f.write_str(&settings.describe()),
             SinkSpec::Http(settings) => f.write_str(&settings.describe()),
+            #[cfg(feature = "nats")]
+            SinkSpec::Nats(settings) => f.write_str(&settings.describe()),
         }
     }
 }
@@ -71,6 +88,10 @@ impl SinkSpec {
         Ok(match kind {
             "postgres" => SinkSpec::Postgres(Box::new(PostgresSettings::from_settings(table)?)),
             "http" => SinkSpec::Http(Box::new(HttpSettings::from_settings(table)?)),
+            #[cfg(feature = "nats")]
+            "nats" => SinkSpec::Nats(Box::new(NatsSinkSettings::from_settings(table)?)),
+            #[cfg(not(feature = "nats"))]
+            "nats" => return Err(WITHOUT_NATS.into()),
             "file" => {
                 let settings = Settings::new("file", table, &["path"])?;
                 SinkSpec::File(PathBuf::from(
@@ -101,6 +122,8 @@ impl SinkSpec {
             SinkSpec::Blackhole => Arc::new(BlackholeSink),
             SinkSpec::Postgres(settings) => PostgresSink::new(settings.as_ref().clone()),
             SinkSpec::Http(settings) => Arc::new(HttpSink::new(settings.as_ref().clone())?),
+            #[cfg(feature = "nats")]
+            SinkSpec::Nats(settings) => Arc::new(NatsSink::new(settings.as_ref().clone())),
         })
     }
 }
@@ -132,7 +155,7 @@ mod tests {
         assert!(refused.contains("'a-b' is not a table name"), "{refused}");
         let refused = SinkSpec::from_settings(&serde_json::json!({"type": "s3"})).expect_err("s3");
         assert!(
-            refused.contains("known: file, stdout, blackhole, postgres, http"),
+            refused.contains("known: file, stdout, blackhole, postgres, http, nats"),
             "{refused}"
         );
     }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use conveyor_core::display::thousands;
+use conveyor_core::display::{error_chain, thousands};
 use serde_json::Value;
 
 use crate::cli::StatusArgs;
@@ -49,17 +49,6 @@ pub async fn run(args: StatusArgs) -> Result<(), Failure> {
         print!("{}", table(base, &status));
     }
     Ok(())
-}
-
-/// An error with its causes, e.g. "error sending request: … Connection refused".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 fn num(value: &Value) -> String {

@@ -16,6 +16,7 @@ mod load;
 mod nats;
 mod nats_cluster;
 mod nats_race;
+mod nats_sink;
 mod observability;
 mod pipelines;
 mod postgres;

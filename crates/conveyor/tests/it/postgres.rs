@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use conveyor_testkit::{NatsServer, TestDatabase, free_port};
+use conveyor_testkit::{NatsServer, TestDatabase};
 
 use crate::delivery::{SingleSenders, send_batches};
-use crate::harness::{Conveyor, Spawn, eventually, read_sink_file};
+use crate::harness::{Conveyor, NatsSplit, Spawn, eventually, read_sink_file};
 use crate::ledger::{Ledger, Verdict};
 
 /// How often each id is in `table`.
@@ -72,35 +72,17 @@ async fn conveyor_run_writes_every_event_to_postgres_once_with_its_columns() {
 async fn split_mode_with_the_processor_sigkilled_mid_stream_leaves_every_id_once_in_the_table() {
     let server = NatsServer::start();
     let db = TestDatabase::create();
-    let sink = format!("{}?table=events", db.url());
-    let nats = |spawn: Spawn| {
-        spawn
-            .env("QUEUE_TYPE", "nats")
-            .env("NATS_URL", &server.url())
-            .env("CONVEYOR_NATS_ACK_WAIT_SECS", "2")
-    };
-    let port = free_port();
-    let processor_at = || {
-        nats(Spawn::new("processor"))
-            .without_listen_flags()
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .sink_spec(&sink)
-            .start()
-    };
-    let mut processor = processor_at().await;
-    let ingest = nats(Spawn::new("ingest")).start().await;
-    let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
+    let mut split = NatsSplit::start(&server.url(), &format!("{}?table=events", db.url())).await;
 
     // Clients that keep sending until the last kill is done (each retrying its event after a
     // 503, as README tells clients): every kill lands in the middle of the stream, however
     // fast this machine sends.
-    let senders = SingleSenders::start(&gateway, "pgkill", 2);
+    let senders = SingleSenders::start(&split.gateway, "pgkill", 2);
     for _ in 0..3 {
         // Some work in hand (rows committed, acks not yet sent), then a kill in the middle.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        processor.sigkill();
-        let _ = processor.wait_exit(Duration::from_secs(10)).await;
-        processor = processor_at().await;
+        split.kill_processor().await;
+        split.start_processor().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let answers = senders.finish().await;

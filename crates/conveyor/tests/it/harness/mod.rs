@@ -17,6 +17,6 @@ mod traffic;
 pub use client::{accepted_id, assert_error, eventually, raw_chunked_post, read_json, total};
 pub use expected::{Expected, assert_all_delivered, assert_sink_exact, id_counts, read_sink_file};
 pub use process::{
-    Conveyor, Spawn, Split, conveyor_command, spawn_run, spawn_split, spawn_split_with,
+    Conveyor, NatsSplit, Spawn, Split, conveyor_command, spawn_run, spawn_split, spawn_split_with,
 };
 pub use traffic::{ingest_one, sample_event, send_mixed_traffic};

@@ -359,6 +359,63 @@ pub async fn spawn_split_with(configure: impl Fn(&str, Spawn) -> Spawn) -> Split
     }
 }
 
+/// Split mode on a NATS server, with a processor writing to `sink` that a test SIGKILLs and
+/// starts again on the same port (so the gateway keeps finding it): the sinks' crash tests.
+/// AckWait is 2 s, so what a killed processor held comes back quickly.
+pub struct NatsSplit {
+    pub processor: Conveyor,
+    pub gateway: Conveyor,
+    /// Kept running for the gateway.
+    _ingest: Conveyor,
+    nats_url: String,
+    port: u16,
+    sink: String,
+}
+
+impl NatsSplit {
+    pub async fn start(nats_url: &str, sink: &str) -> NatsSplit {
+        let port = conveyor_testkit::free_port();
+        let processor = Self::processor_at(nats_url, port, sink).await;
+        let ingest = Self::on_nats(Spawn::new("ingest"), nats_url).start().await;
+        let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
+        NatsSplit {
+            processor,
+            _ingest: ingest,
+            gateway,
+            nats_url: nats_url.to_owned(),
+            port,
+            sink: sink.to_owned(),
+        }
+    }
+
+    fn on_nats(spawn: Spawn, nats_url: &str) -> Spawn {
+        spawn
+            .env("QUEUE_TYPE", "nats")
+            .env("NATS_URL", nats_url)
+            .env("CONVEYOR_NATS_ACK_WAIT_SECS", "2")
+    }
+
+    async fn processor_at(nats_url: &str, port: u16, sink: &str) -> Conveyor {
+        Self::on_nats(Spawn::new("processor"), nats_url)
+            .without_listen_flags()
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .sink_spec(sink)
+            .start()
+            .await
+    }
+
+    /// SIGKILLs the processor and waits until it is gone.
+    pub async fn kill_processor(&mut self) {
+        self.processor.sigkill();
+        let _ = self.processor.wait_exit(Duration::from_secs(10)).await;
+    }
+
+    /// Starts the processor again, on its port.
+    pub async fn start_processor(&mut self) {
+        self.processor = Self::processor_at(&self.nats_url, self.port, &self.sink).await;
+    }
+}
+
 impl Conveyor {
     /// `http://127.0.0.1:PORT`, as printed on the listening line.
     pub fn base_url(&self) -> &str {
