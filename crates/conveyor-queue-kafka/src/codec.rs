@@ -10,8 +10,10 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHead
 /// Header marking a record as a protobuf `conveyor.v1.Event`.
 pub(crate) const ENCODING_HEADER: &str = "conveyor-encoding";
 
-/// Writes an event as a record's value (the protobuf `conveyor.v1.Event`) and headers.
-pub(crate) fn encode(event: &Event) -> (Vec<u8>, OwnedHeaders) {
+/// Writes an event as a record's value (the protobuf `conveyor.v1.Event`) and headers: what
+/// the queue stores, and what the Kafka sink's `event` encoding sends, so that another
+/// conveyor can take the topic as its queue.
+pub fn encode(event: &Event) -> (Vec<u8>, OwnedHeaders) {
     let payload = conveyor_proto::event_to_wire(event.clone()).encode_to_vec();
     let headers = OwnedHeaders::new().insert(Header {
         key: ENCODING_HEADER,

@@ -54,9 +54,11 @@ pub mod watermark;
 
 pub use args::{KafkaArgs, Overrides};
 pub use client::check_settings;
+pub use codec::encode;
 pub use config::{KafkaConfig, PartitionKey, parse_overrides};
 pub use dlq::KafkaDeadLetters;
 pub use mock::MockKafka;
+pub use producer::{ProduceError, ProduceErrorKind, Record};
 pub use queue::KafkaQueue;
 
 #[cfg(test)]

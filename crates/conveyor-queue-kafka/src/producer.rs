@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use conveyor_core::Event;
 use conveyor_queue::{Health, PublishError, Published, Publisher};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::FutureRecord;
 use tokio::time::Instant;
 
@@ -26,13 +27,128 @@ fn record_key(key: PartitionKey, event: &Event) -> Option<&[u8]> {
     }
 }
 
-fn publish_error(error: &KafkaError) -> PublishError {
-    match error {
-        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => PublishError::Full,
-        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut) => {
-            PublishError::Unavailable("no delivery report from Kafka in time".into())
+/// One record for [`KafkaQueue::produce`].
+pub struct Record {
+    pub value: Vec<u8>,
+    /// Picks the partition; records with the same key stay in order.
+    pub key: Option<Vec<u8>>,
+    pub headers: OwnedHeaders,
+}
+
+/// Why a record was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceError {
+    pub kind: ProduceErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProduceErrorKind {
+    /// librdkafka's queue is full: try again soon.
+    Full,
+    /// No delivery report in time, the broker unreachable or refusing for now.
+    Unavailable,
+    /// The broker can never store this record as it is (too large, invalid).
+    Refused,
+}
+
+fn produce_error(error: &KafkaError) -> ProduceError {
+    let (kind, message) = match error {
+        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+            (ProduceErrorKind::Full, error.to_string())
         }
-        other => PublishError::Unavailable(other.to_string()),
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut) => (
+            ProduceErrorKind::Unavailable,
+            "no delivery report from Kafka in time".into(),
+        ),
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidMessageSize,
+        ) => (ProduceErrorKind::Refused, error.to_string()),
+        other => (ProduceErrorKind::Unavailable, other.to_string()),
+    };
+    ProduceError { kind, message }
+}
+
+impl KafkaQueue {
+    /// Sends `records` to the topic, many at a time (at most `max_in_flight_publishes` across
+    /// the process, each round taking its permits at once), and waits for every delivery
+    /// report, all under one `publish_timeout`: the partition and offset of each stored
+    /// record, or why not. The queue's publish and the Kafka sink both send through here.
+    pub async fn produce(&self, records: Vec<Record>) -> Vec<Result<(i32, i64), ProduceError>> {
+        let config = &self.inner.config;
+        let count = records.len();
+        let mut outcomes = Vec::with_capacity(count);
+        // librdkafka may hold a record past `message.timeout.ms` while the broker is gone;
+        // the answer must not wait longer than the configured timeout.
+        let deadline = Instant::now() + config.publish_timeout;
+        let most = config.max_in_flight_publishes.max(1);
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let round: Vec<Record> = records.by_ref().take(most).collect();
+            // One permit per record in flight, taken for the round at once.
+            let Ok(_permits) = Arc::clone(&self.inner.in_flight)
+                .acquire_many_owned(round.len() as u32)
+                .await
+            else {
+                outcomes.extend(round.iter().map(|_| {
+                    Err(ProduceError {
+                        kind: ProduceErrorKind::Unavailable,
+                        message: "the Kafka producer is closed".into(),
+                    })
+                }));
+                continue;
+            };
+            let mut reports = Vec::with_capacity(round.len());
+            let in_round = round.len();
+            for record in round {
+                // librdkafka copies the value and key; they are needed only for the call.
+                let mut future = FutureRecord::<[u8], [u8]>::to(&config.topic)
+                    .payload(&record.value)
+                    .headers(record.headers);
+                if let Some(key) = &record.key {
+                    future = future.key(key);
+                }
+                reports.push(self.inner.producer.send_result(future).map_err(|(e, _)| e));
+            }
+            self.inner.sent.fetch_add(
+                reports.iter().filter(|r| r.is_ok()).count() as u64,
+                Ordering::Relaxed,
+            );
+            // Every record of the round is on its way; now wait for the delivery reports,
+            // under the one deadline.
+            let mut reported = Vec::with_capacity(reports.len());
+            let _ = tokio::time::timeout_at(deadline, async {
+                for report in reports {
+                    reported.push(match report {
+                        Ok(report) => match report.await {
+                            Ok(Ok(delivered)) => Ok((delivered.partition, delivered.offset)),
+                            Ok(Err((error, _))) => Err(produce_error(&error)),
+                            Err(_canceled) => Err(ProduceError {
+                                kind: ProduceErrorKind::Unavailable,
+                                message: "the Kafka producer went away".into(),
+                            }),
+                        },
+                        Err(error) => Err(produce_error(&error)),
+                    });
+                }
+            })
+            .await;
+            let answered = reported.len();
+            outcomes.extend(reported);
+            outcomes.extend((answered..in_round).map(|_| {
+                Err(ProduceError {
+                    kind: ProduceErrorKind::Unavailable,
+                    message: format!(
+                        "no delivery report from Kafka within {:?}",
+                        config.publish_timeout
+                    ),
+                })
+            }));
+        }
+        outcomes
     }
 }
 
@@ -68,81 +184,34 @@ impl Publisher for KafkaQueue {
                 }
             }
         }
-        let mut produced: HashMap<i32, i64> = HashMap::new();
-        let mut failed = Vec::new();
-        // librdkafka may hold a record past `message.timeout.ms` while the broker is gone;
-        // the client's answer must not wait longer than the configured timeout.
-        let deadline = Instant::now() + config.publish_timeout;
-        let most = config.max_in_flight_publishes.max(1);
-        let mut to_send = to_send.into_iter().peekable();
-        while to_send.peek().is_some() {
-            let chunk: Vec<(usize, Event)> = to_send.by_ref().take(most).collect();
-            // One permit per record in flight, taken for the chunk at once.
-            let Ok(_permits) = Arc::clone(&self.inner.in_flight)
-                .acquire_many_owned(chunk.len() as u32)
-                .await
-            else {
-                for (index, event) in chunk {
-                    failed.push(event);
-                    results[index] = Some(Err(PublishError::Closed));
-                }
-                continue;
-            };
-            let mut waiting = Vec::with_capacity(chunk.len());
-            let mut reports = Vec::with_capacity(chunk.len());
-            for (index, event) in chunk {
-                let (payload, headers) = encode(&event);
-                let mut record = FutureRecord::<[u8], [u8]>::to(&config.topic)
-                    .payload(&payload)
-                    .headers(headers);
-                if let Some(key) = record_key(config.partition_key, &event) {
-                    record = record.key(key);
-                }
-                match self.inner.producer.send_result(record) {
-                    Ok(report) => {
-                        waiting.push((index, event));
-                        reports.push(report);
-                    }
-                    Err((error, _)) => {
-                        results[index] = Some(Err(publish_error(&error)));
-                        failed.push(event);
-                    }
-                }
-            }
-            self.inner
-                .sent
-                .fetch_add(reports.len() as u64, Ordering::Relaxed);
-            // Every record of the chunk is on its way; now wait for the delivery reports, all
-            // under one deadline.
-            let mut reported = Vec::with_capacity(reports.len());
-            let _ = tokio::time::timeout_at(deadline, async {
-                for report in reports {
-                    reported.push(report.await);
+        let records = to_send
+            .iter()
+            .map(|(_, event)| {
+                let (value, headers) = encode(event);
+                Record {
+                    value,
+                    key: record_key(config.partition_key, event).map(<[u8]>::to_vec),
+                    headers,
                 }
             })
-            .await;
-            let mut reported = reported.into_iter();
-            for (index, event) in waiting {
-                let outcome = match reported.next() {
-                    Some(Ok(Ok(delivered))) => {
-                        let next = produced.entry(delivered.partition).or_default();
-                        *next = (*next).max(delivered.offset + 1);
-                        Ok(Published::Stored)
-                    }
-                    Some(Ok(Err((error, _)))) => Err(publish_error(&error)),
-                    Some(Err(_canceled)) => Err(PublishError::Unavailable(
-                        "the Kafka producer went away".into(),
-                    )),
-                    None => Err(PublishError::Unavailable(format!(
-                        "no delivery report from Kafka within {:?}",
-                        config.publish_timeout
-                    ))),
-                };
-                if outcome.is_err() {
-                    failed.push(event);
+            .collect();
+        let mut produced: HashMap<i32, i64> = HashMap::new();
+        let mut failed = Vec::new();
+        for ((index, event), outcome) in to_send.into_iter().zip(self.produce(records).await) {
+            results[index] = Some(match outcome {
+                Ok((partition, offset)) => {
+                    let next = produced.entry(partition).or_default();
+                    *next = (*next).max(offset + 1);
+                    Ok(Published::Stored)
                 }
-                results[index] = Some(outcome);
-            }
+                Err(error) => {
+                    failed.push(event);
+                    Err(match error.kind {
+                        ProduceErrorKind::Full => PublishError::Full,
+                        _ => PublishError::Unavailable(error.message),
+                    })
+                }
+            });
         }
         // A failed publish must not make the client's retry look like a duplicate.
         if !failed.is_empty() {

@@ -1,7 +1,7 @@
 //! Which sink a `--sink` flag or a `[sinks.NAME]` table names, and opening it: the one place
 //! that knows every sink crate ([`conveyor_sink`] for the local ones,
-//! `conveyor_sink_postgres`, `conveyor_sink_http`, and `conveyor_sink_nats` in a build with the
-//! `nats` feature).
+//! `conveyor_sink_postgres`, `conveyor_sink_http`, and `conveyor_sink_nats` /
+//! `conveyor_sink_kafka` in a build with the `nats` / `kafka` feature).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,18 +9,24 @@ use std::sync::Arc;
 use conveyor_sink::settings::Settings;
 use conveyor_sink::{BlackholeSink, FileSink, Sink, StdoutSink};
 use conveyor_sink_http::{HttpSettings, HttpSink};
+#[cfg(feature = "kafka")]
+use conveyor_sink_kafka::{KafkaSink, KafkaSinkSettings};
 #[cfg(feature = "nats")]
 use conveyor_sink_nats::{NatsSink, NatsSinkSettings};
 use conveyor_sink_postgres::{PostgresSettings, PostgresSink};
 
-const KINDS: &str = "file, stdout, blackhole, postgres, http, nats";
+const KINDS: &str = "file, stdout, blackhole, postgres, http, nats, kafka";
 
 #[cfg(not(feature = "nats"))]
 const WITHOUT_NATS: &str =
     "this conveyor was built without NATS (cargo feature `nats`; the default build includes it)";
 
+#[cfg(not(feature = "kafka"))]
+const WITHOUT_KAFKA: &str =
+    "this conveyor was built without Kafka (cargo feature `kafka`; the default build includes it)";
+
 /// Where processed events go, as the `--sink` flag names it: `file:PATH`, `stdout`,
-/// `blackhole`, `postgres://…`, `http(s)://…` or `nats://…?subject=…`. Parsed once, when the flag is read; [`SinkSpec::open`]
+/// `blackhole`, `postgres://…`, `http(s)://…`, `nats://…?subject=…` or `kafka://…/topic`. Parsed once, when the flag is read; [`SinkSpec::open`]
 /// builds the sink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkSpec {
@@ -31,6 +37,8 @@ pub enum SinkSpec {
     Http(Box<HttpSettings>),
     #[cfg(feature = "nats")]
     Nats(Box<NatsSinkSettings>),
+    #[cfg(feature = "kafka")]
+    Kafka(Box<KafkaSinkSettings>),
 }
 
 impl std::str::FromStr for SinkSpec {
@@ -49,12 +57,18 @@ impl std::str::FromStr for SinkSpec {
             #[cfg(not(feature = "nats"))]
             return Err(WITHOUT_NATS.into());
         }
+        if spec.starts_with("kafka://") {
+            #[cfg(feature = "kafka")]
+            return KafkaSinkSettings::from_url(spec).map(|s| SinkSpec::Kafka(Box::new(s)));
+            #[cfg(not(feature = "kafka"))]
+            return Err(WITHOUT_KAFKA.into());
+        }
         match spec.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(SinkSpec::File(PathBuf::from(path))),
             None if spec == "stdout" => Ok(SinkSpec::Stdout),
             None if spec == "blackhole" => Ok(SinkSpec::Blackhole),
             _ => Err(format!(
-                "'{spec}' is not a sink; use file:PATH, stdout, blackhole, postgres://user@host:5432/db?table=events, https://receiver/path or nats://host:4222?subject=orders.processed"
+                "'{spec}' is not a sink; use file:PATH, stdout, blackhole, postgres://user@host:5432/db?table=events, https://receiver/path, nats://host:4222?subject=orders.processed or kafka://host:9092/topic"
             )),
         }
     }
@@ -71,6 +85,8 @@ impl std::fmt::Display for SinkSpec {
             SinkSpec::Http(settings) => f.write_str(&settings.describe()),
             #[cfg(feature = "nats")]
             SinkSpec::Nats(settings) => f.write_str(&settings.describe()),
+            #[cfg(feature = "kafka")]
+            SinkSpec::Kafka(settings) => f.write_str(&settings.describe()),
         }
     }
 }
@@ -92,6 +108,10 @@ impl SinkSpec {
             "nats" => SinkSpec::Nats(Box::new(NatsSinkSettings::from_settings(table)?)),
             #[cfg(not(feature = "nats"))]
             "nats" => return Err(WITHOUT_NATS.into()),
+            #[cfg(feature = "kafka")]
+            "kafka" => SinkSpec::Kafka(Box::new(KafkaSinkSettings::from_settings(table)?)),
+            #[cfg(not(feature = "kafka"))]
+            "kafka" => return Err(WITHOUT_KAFKA.into()),
             "file" => {
                 let settings = Settings::new("file", table, &["path"])?;
                 SinkSpec::File(PathBuf::from(
@@ -124,6 +144,8 @@ impl SinkSpec {
             SinkSpec::Http(settings) => Arc::new(HttpSink::new(settings.as_ref().clone())?),
             #[cfg(feature = "nats")]
             SinkSpec::Nats(settings) => Arc::new(NatsSink::new(settings.as_ref().clone())),
+            #[cfg(feature = "kafka")]
+            SinkSpec::Kafka(settings) => Arc::new(KafkaSink::new(settings.as_ref().clone())),
         })
     }
 }
@@ -155,7 +177,7 @@ mod tests {
         assert!(refused.contains("'a-b' is not a table name"), "{refused}");
         let refused = SinkSpec::from_settings(&serde_json::json!({"type": "s3"})).expect_err("s3");
         assert!(
-            refused.contains("known: file, stdout, blackhole, postgres, http, nats"),
+            refused.contains("known: file, stdout, blackhole, postgres, http, nats, kafka"),
             "{refused}"
         );
     }

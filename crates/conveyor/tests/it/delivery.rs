@@ -284,4 +284,18 @@ impl SingleSenders {
             .into_inner()
             .expect("answers")
     }
+
+    /// [`finish`](Self::finish) for a crash test: every answer was a 202 or a 503, and more
+    /// than 100 events were accepted (else the kills landed on an idle system); the ledger of
+    /// what was accepted.
+    pub async fn finish_accepted(self) -> Ledger {
+        let answers = self.finish().await;
+        assert!(answers.wrong.is_empty(), "answers: {:?}", answers.wrong);
+        assert!(
+            answers.ledger.len() > 100,
+            "only {} events were accepted while the processor was being killed",
+            answers.ledger.len()
+        );
+        answers.ledger
+    }
 }

@@ -12,6 +12,7 @@ mod config;
 mod dlq;
 mod grpc_ecosystem;
 mod kafka;
+mod kafka_sink;
 mod load;
 mod nats;
 mod nats_cluster;

@@ -77,14 +77,7 @@ async fn every_event_reaches_the_target_stream_once_through_processor_and_broker
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let answers = senders.finish().await;
-    assert!(answers.wrong.is_empty(), "answers: {:?}", answers.wrong);
-    let accepted = answers.ledger;
-    assert!(
-        accepted.len() > 100,
-        "only {} events were accepted while the processor was being killed",
-        accepted.len()
-    );
+    let accepted = senders.finish_accepted().await;
     let verdict = settled(&target, "ORDERS", &accepted, Duration::from_secs(120)).await;
     assert!(verdict.is_clean(), "{verdict}");
 
