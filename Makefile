@@ -30,6 +30,7 @@ bench:
 	cargo bench -p conveyor-queue-kafka --bench kafka_path
 	cargo bench -p conveyor-sink-postgres --bench insert
 	cargo bench -p conveyor-sink-http --bench send
+	cargo bench -p conveyor-sink-nats --bench publish
 
 ## End-to-end benchmark: ceiling, run, split, NATS, scaling; appends to BENCHMARKS.md.
 bench-e2e:
