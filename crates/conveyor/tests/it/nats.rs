@@ -296,3 +296,31 @@ async fn three_processors_split_one_stream_and_each_event_is_processed_once() {
         );
     }
 }
+
+/// The largest batch a client may send (10,000 events, more than the 4,096 publishes the NATS
+/// backend keeps in flight), several at once: every one is accepted and processed. Each batch
+/// once held part of the in-flight bound while waiting for the rest, so they waited for each
+/// other for ever and intake stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_larger_than_the_in_flight_bound_are_accepted_and_processed() {
+    let server = NatsServer::start();
+    let conveyor = nats_env(Spawn::new("run"), &server).start().await;
+    let accepted = tokio::time::timeout(
+        Duration::from_secs(90),
+        send_batches(&conveyor, "huge", 40_000, 10_000, 3),
+    )
+    .await
+    .expect("the batches were answered");
+    assert_eq!(accepted.len(), 40_000);
+    let sink = conveyor.sink_path();
+    let verdict = eventually("every event processed", Duration::from_secs(60), async || {
+        let verdict = accepted.check(&[sink]);
+        if verdict.lost.is_empty() {
+            Ok(verdict)
+        } else {
+            Err(verdict.to_string())
+        }
+    })
+    .await;
+    assert!(verdict.is_clean(), "{verdict}");
+}
