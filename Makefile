@@ -28,6 +28,7 @@ bench:
 	cargo bench -p conveyor-proto --bench protobuf
 	cargo bench -p conveyor-queue-nats --bench nats_path
 	cargo bench -p conveyor-queue-kafka --bench kafka_path
+	cargo bench -p conveyor-sink --bench file
 	cargo bench -p conveyor-sink-postgres --bench insert
 	cargo bench -p conveyor-sink-http --bench send
 	cargo bench -p conveyor-sink-nats --bench publish

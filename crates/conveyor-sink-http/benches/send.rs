@@ -7,40 +7,14 @@
 //! Knobs: `BENCH_EVENTS` (50000), `BENCH_BATCH` (256: events per write, and per NDJSON request),
 //! `BENCH_CONCURRENCY` (16: requests in flight), `BENCH_WORKERS` (4: writes at once).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use conveyor_core::{ContentType, Event};
+use conveyor_core::Event;
 use conveyor_sink::Sink;
 use conveyor_sink::record::write_record;
 use conveyor_sink_http::{HttpSettings, HttpSink};
+use conveyor_testkit::bench::{knob, sensor_events};
 use conveyor_testkit::publish_rate;
-
-fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn events(tag: &str, n: usize) -> Vec<Event> {
-    (0..n)
-        .map(|i| Event {
-            id: format!("{tag}-{i}").into(),
-            source: "sensor-1".into(),
-            timestamp_ms: 1_764_000_000_000 + i as u64,
-            payload: bytes::Bytes::from(format!(
-                r#"{{"celsius":{},"room":"a-{}"}}"#,
-                i % 40,
-                i % 7
-            )),
-            content_type: ContentType::Json,
-            metadata: BTreeMap::from([("region".to_owned(), "eu".to_owned())]).into(),
-            attempt: 1,
-            headers: BTreeMap::new(),
-        })
-        .collect()
-}
 
 /// A bare receiver: reads the body, answers 200.
 async fn receiver() -> String {
@@ -134,7 +108,7 @@ fn main() {
             let (mut best_raw, mut best_sink) = (0f64, 0f64);
             for round in 0..2 {
                 // Fresh ids per run: the sink skips what it already delivered.
-                let fresh = |who: &str| Arc::new(events(&format!("{who}{round}{encoding}"), total));
+                let fresh = |who: &str| Arc::new(sensor_events(&format!("{who}{round}{encoding}"), total));
                 // As many requests in flight as the sink has: `concurrency` single-event
                 // requests, or one NDJSON request per worker.
                 let in_flight = if per_request == 1 { concurrency } else { workers };

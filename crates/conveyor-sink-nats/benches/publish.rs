@@ -7,42 +7,16 @@
 //! Knobs: `BENCH_EVENTS` (50000), `BENCH_BATCH` (256: events per write), `BENCH_WORKERS` (4:
 //! writes at once).
 
-use std::collections::BTreeMap;
 use std::future::IntoFuture as _;
 use std::sync::Arc;
 
 use async_nats::HeaderMap;
-use conveyor_core::{ContentType, Event};
+use conveyor_core::Event;
 use conveyor_sink::Sink;
 use conveyor_sink::record::write_record;
 use conveyor_sink_nats::{NatsSink, NatsSinkSettings};
+use conveyor_testkit::bench::{knob, sensor_events};
 use conveyor_testkit::{NatsServer, publish_rate};
-
-fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn events(tag: &str, n: usize) -> Vec<Event> {
-    (0..n)
-        .map(|i| Event {
-            id: format!("{tag}-{i}").into(),
-            source: "sensor-1".into(),
-            timestamp_ms: 1_764_000_000_000 + i as u64,
-            payload: bytes::Bytes::from(format!(
-                r#"{{"celsius":{},"room":"a-{}"}}"#,
-                i % 40,
-                i % 7
-            )),
-            content_type: ContentType::Json,
-            metadata: BTreeMap::from([("region".to_owned(), "eu".to_owned())]).into(),
-            attempt: 1,
-            headers: BTreeMap::new(),
-        })
-        .collect()
-}
 
 /// What a hand-written client does: renders each record, publishes the batch, awaits its
 /// PubAcks together.
@@ -103,7 +77,7 @@ fn main() {
         let nats_sink = Arc::new(NatsSink::new(settings));
         // The first write makes the stream; both loops then publish into it.
         nats_sink
-            .write(&events("warm", 1), 1)
+            .write(&sensor_events("warm", 1), 1)
             .await
             .expect("the stream");
         println!(
@@ -114,7 +88,7 @@ fn main() {
         let (mut best_raw, mut best_sink) = (0f64, 0f64);
         for round in 0..2 {
             // Fresh ids per run: the stream drops a Msg-Id it has seen.
-            let fresh = |who: &str| Arc::new(events(&format!("{who}{round}"), total));
+            let fresh = |who: &str| Arc::new(sensor_events(&format!("{who}{round}"), total));
             best_raw = best_raw.max(raw(&server.url(), fresh("raw"), batch, workers).await);
             best_sink = best_sink
                 .max(sink(Arc::clone(&nats_sink), fresh("sink"), batch, workers).await);

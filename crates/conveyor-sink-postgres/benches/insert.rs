@@ -6,41 +6,15 @@
 //!   cargo bench -p conveyor-sink-postgres --bench insert` (or `make bench`).
 //! Knobs: `BENCH_EVENTS` (100000), `BENCH_BATCH` (256), `BENCH_CONNECTIONS` (4).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use conveyor_core::{ContentType, Event};
+use conveyor_core::Event;
 use conveyor_sink::Sink;
 use conveyor_sink_postgres::{PostgresSettings, PostgresSink};
 use conveyor_testkit::TestDatabase;
-
-fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn events(tag: &str, n: usize) -> Vec<Event> {
-    (0..n)
-        .map(|i| Event {
-            id: format!("{tag}-{i}").into(),
-            source: "sensor-1".into(),
-            timestamp_ms: 1_764_000_000_000 + i as u64,
-            payload: bytes::Bytes::from(format!(
-                r#"{{"celsius":{},"room":"a-{}"}}"#,
-                i % 40,
-                i % 7
-            )),
-            content_type: ContentType::Json,
-            metadata: BTreeMap::from([("region".to_owned(), "eu".to_owned())]).into(),
-            attempt: 1,
-            headers: BTreeMap::new(),
-        })
-        .collect()
-}
+use conveyor_testkit::bench::{knob, sensor_events};
 
 /// `connections` tasks, each taking the next batch of `events` and handing it to `write`;
 /// events per second.
@@ -146,10 +120,10 @@ async fn main() {
     // Alternated, twice each, so a drift of the machine hits both; the best of each.
     let (mut raw_rates, mut sink_rates) = (Vec::new(), Vec::new());
     for round in 0..2 {
-        let raw_events = Arc::new(events(&format!("raw{round}"), n));
+        let raw_events = Arc::new(sensor_events(&format!("raw{round}"), n));
         raw_rates.push(raw(&db, raw_events, batch, connections).await);
         db.query("DROP TABLE raw");
-        let sink_events = Arc::new(events(&format!("sink{round}"), n));
+        let sink_events = Arc::new(sensor_events(&format!("sink{round}"), n));
         sink_rates.push(sink(&db, sink_events, batch, connections).await);
         db.query("DROP TABLE sink");
     }

@@ -39,11 +39,13 @@ use async_trait::async_trait;
 use conveyor_core::Event;
 
 pub mod answers;
+mod file;
 mod local;
 pub mod record;
 pub mod settings;
 
-pub use local::{BlackholeSink, FileSink, StdoutSink};
+pub use file::{FileSettings, FileSink};
+pub use local::{BlackholeSink, StdoutSink};
 
 /// How long a write may take, unless the sink says otherwise.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -22,10 +22,14 @@ impl<'a> Settings<'a> {
             .keys()
             .find(|k| k.as_str() != "type" && !known.contains(&k.as_str()))
         {
-            return Err(format!(
-                "a {kind} sink has no setting `{unknown}` (settings: {})",
-                known.join(", ")
-            ));
+            return Err(if known.is_empty() {
+                format!("a {kind} sink has no settings (`{unknown}` given)")
+            } else {
+                format!(
+                    "a {kind} sink has no setting `{unknown}` (settings: {})",
+                    known.join(", ")
+                )
+            });
         }
         Ok(Settings { kind, table })
     }
@@ -146,5 +150,7 @@ mod tests {
         );
         let unknown = Settings::new("test", &t, &["n"]).err().unwrap_or_default();
         assert_eq!(unknown, "a test sink has no setting `b` (settings: n)");
+        let none = Settings::new("stdout", &t, &[]).err().unwrap_or_default();
+        assert_eq!(none, "a stdout sink has no settings (`b` given)");
     }
 }

@@ -9,6 +9,7 @@
 //! unreachable and reachable again; [`WebhookReceiver`] is an HTTP receiver answering as a
 //! test's script says.
 
+pub mod bench;
 mod gate;
 mod postgres;
 mod webhook;

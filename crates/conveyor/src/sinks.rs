@@ -3,11 +3,10 @@
 //! `conveyor_sink_postgres`, `conveyor_sink_http`, and `conveyor_sink_nats` /
 //! `conveyor_sink_kafka` in a build with the `nats` / `kafka` feature).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use conveyor_sink::settings::Settings;
-use conveyor_sink::{BlackholeSink, FileSink, Sink, StdoutSink};
+use conveyor_sink::{BlackholeSink, FileSettings, FileSink, Sink, StdoutSink};
 use conveyor_sink_http::{HttpSettings, HttpSink};
 #[cfg(feature = "kafka")]
 use conveyor_sink_kafka::{KafkaSink, KafkaSinkSettings};
@@ -30,7 +29,7 @@ const WITHOUT_KAFKA: &str =
 /// builds the sink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkSpec {
-    File(PathBuf),
+    File(Box<FileSettings>),
     Stdout,
     Blackhole,
     Postgres(Box<PostgresSettings>),
@@ -64,7 +63,9 @@ impl std::str::FromStr for SinkSpec {
             return Err(WITHOUT_KAFKA.into());
         }
         match spec.split_once(':') {
-            Some(("file", path)) if !path.is_empty() => Ok(SinkSpec::File(PathBuf::from(path))),
+            Some(("file", path)) if !path.is_empty() => {
+                Ok(SinkSpec::File(Box::new(FileSettings::at(path))))
+            }
             None if spec == "stdout" => Ok(SinkSpec::Stdout),
             None if spec == "blackhole" => Ok(SinkSpec::Blackhole),
             _ => Err(format!(
@@ -78,7 +79,7 @@ impl std::str::FromStr for SinkSpec {
 impl std::fmt::Display for SinkSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SinkSpec::File(path) => write!(f, "file:{}", path.display()),
+            SinkSpec::File(settings) => write!(f, "file:{}", settings.path.display()),
             SinkSpec::Stdout => f.write_str("stdout"),
             SinkSpec::Blackhole => f.write_str("blackhole"),
             SinkSpec::Postgres(settings) => f.write_str(&settings.describe()),
@@ -112,12 +113,7 @@ impl SinkSpec {
             "kafka" => SinkSpec::Kafka(Box::new(KafkaSinkSettings::from_settings(table)?)),
             #[cfg(not(feature = "kafka"))]
             "kafka" => return Err(WITHOUT_KAFKA.into()),
-            "file" => {
-                let settings = Settings::new("file", table, &["path"])?;
-                SinkSpec::File(PathBuf::from(
-                    settings.required("path", "./data/out.ndjson")?,
-                ))
-            }
+            "file" => SinkSpec::File(Box::new(FileSettings::from_settings(table)?)),
             "stdout" => {
                 Settings::new(kind, table, &[])?;
                 SinkSpec::Stdout
@@ -134,10 +130,11 @@ impl SinkSpec {
     /// PostgreSQL sink connects when it first writes).
     pub fn open(&self) -> Result<Arc<dyn Sink>, String> {
         Ok(match self {
-            SinkSpec::File(path) => Arc::new(
-                FileSink::open(path)
-                    .map_err(|e| format!("cannot open file sink '{}': {e}", path.display()))?,
-            ),
+            SinkSpec::File(settings) => {
+                Arc::new(FileSink::with(settings.as_ref().clone()).map_err(|e| {
+                    format!("cannot open file sink '{}': {e}", settings.path.display())
+                })?)
+            }
             SinkSpec::Stdout => Arc::new(StdoutSink),
             SinkSpec::Blackhole => Arc::new(BlackholeSink),
             SinkSpec::Postgres(settings) => PostgresSink::new(settings.as_ref().clone()),
@@ -158,7 +155,7 @@ mod tests {
     fn the_quick_form_names_each_sink_and_refuses_the_rest_by_name() {
         assert_eq!(
             "file:./out.ndjson".parse::<SinkSpec>(),
-            Ok(SinkSpec::File(PathBuf::from("./out.ndjson")))
+            Ok(SinkSpec::File(Box::new(FileSettings::at("./out.ndjson"))))
         );
         assert_eq!("stdout".parse::<SinkSpec>(), Ok(SinkSpec::Stdout));
         let postgres: SinkSpec = "postgres://app:pw@db:5432/shop?table=orders"

@@ -10,6 +10,7 @@ mod backpressure;
 mod bad_input;
 mod config;
 mod dlq;
+mod file_sink;
 mod grpc_ecosystem;
 mod kafka;
 mod kafka_sink;

@@ -313,14 +313,18 @@ async fn batches_larger_than_the_in_flight_bound_are_accepted_and_processed() {
     .expect("the batches were answered");
     assert_eq!(accepted.len(), 40_000);
     let sink = conveyor.sink_path();
-    let verdict = eventually("every event processed", Duration::from_secs(60), async || {
-        let verdict = accepted.check(&[sink]);
-        if verdict.lost.is_empty() {
-            Ok(verdict)
-        } else {
-            Err(verdict.to_string())
-        }
-    })
+    let verdict = eventually(
+        "every event processed",
+        Duration::from_secs(60),
+        async || {
+            let verdict = accepted.check(&[sink]);
+            if verdict.lost.is_empty() {
+                Ok(verdict)
+            } else {
+                Err(verdict.to_string())
+            }
+        },
+    )
     .await;
     assert!(verdict.is_clean(), "{verdict}");
 }
