@@ -102,7 +102,6 @@ impl KafkaQueue {
                 continue;
             };
             let mut reports = Vec::with_capacity(round.len());
-            let in_round = round.len();
             for record in round {
                 // librdkafka copies the value and key; they are needed only for the call.
                 let mut future = FutureRecord::<[u8], [u8]>::to(&config.topic)
@@ -117,36 +116,34 @@ impl KafkaQueue {
                 reports.iter().filter(|r| r.is_ok()).count() as u64,
                 Ordering::Relaxed,
             );
-            // Every record of the round is on its way; now wait for the delivery reports,
-            // under the one deadline.
-            let mut reported = Vec::with_capacity(reports.len());
-            let _ = tokio::time::timeout_at(deadline, async {
-                for report in reports {
-                    reported.push(match report {
-                        Ok(report) => match report.await {
-                            Ok(Ok(delivered)) => Ok((delivered.partition, delivered.offset)),
-                            Ok(Err((error, _))) => Err(produce_error(&error)),
-                            Err(_canceled) => Err(ProduceError {
-                                kind: ProduceErrorKind::Unavailable,
-                                message: "the Kafka producer went away".into(),
-                            }),
-                        },
-                        Err(error) => Err(produce_error(&error)),
-                    });
+            // Every record of the round is on its way; now wait for the delivery reports, each
+            // under the one deadline, so that a report that came is kept even when another
+            // one of the round did not come in time (it must not be produced again).
+            let timed_out = || ProduceError {
+                kind: ProduceErrorKind::Unavailable,
+                message: format!(
+                    "no delivery report from Kafka within {:?}",
+                    config.publish_timeout
+                ),
+            };
+            let reported = reports.into_iter().map(|report| async move {
+                let report = report.map_err(|error| produce_error(&error))?;
+                match tokio::time::timeout_at(deadline, report).await {
+                    Ok(Ok(Ok(delivered))) => Ok((delivered.partition, delivered.offset)),
+                    Ok(Ok(Err((error, _)))) => Err(produce_error(&error)),
+                    Ok(Err(_canceled)) => Err(ProduceError {
+                        kind: ProduceErrorKind::Unavailable,
+                        message: "the Kafka producer went away".into(),
+                    }),
+                    Err(_) => Err(timed_out()),
                 }
-            })
-            .await;
-            let answered = reported.len();
-            outcomes.extend(reported);
-            outcomes.extend((answered..in_round).map(|_| {
-                Err(ProduceError {
-                    kind: ProduceErrorKind::Unavailable,
-                    message: format!(
-                        "no delivery report from Kafka within {:?}",
-                        config.publish_timeout
-                    ),
-                })
-            }));
+            });
+            outcomes.extend(futures_util::future::join_all(reported).await);
+            if Instant::now() >= deadline {
+                // Out of time: what is left is not sent at all (a record sent now could be
+                // stored after we answered that it was not).
+                outcomes.extend(records.by_ref().map(|_| Err(timed_out())));
+            }
         }
         outcomes
     }

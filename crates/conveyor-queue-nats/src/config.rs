@@ -103,24 +103,81 @@ pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, String> {
         };
         if entry.is_empty() {
             return Err(format!(
-                "empty server entry{} in {list:?}; expected e.g. nats://a:4222,nats://b:4222",
-                at()
+                "empty server entry{} in {:?}; expected e.g. nats://a:4222,nats://b:4222",
+                at(),
+                hide_credentials(list)
             ));
         }
         let server: ServerAddr = entry
             .parse()
-            .map_err(|e| format!("bad server {entry:?}{}: {e}", at()))?;
+            .map_err(|e| format!("bad server {:?}{}: {e}", hide_credentials(entry), at()))?;
         if server.host().is_empty() {
-            return Err(format!("bad server {entry:?}{}: no host", at()));
+            return Err(format!(
+                "bad server {:?}{}: no host",
+                hide_credentials(entry),
+                at()
+            ));
         }
         servers.push(server);
     }
     Ok(servers)
 }
 
+/// A server list as it may be shown in an error: `nats://***@host:4222` for an entry that
+/// carries a user, password or token.
+fn hide_credentials(list: &str) -> String {
+    list.split(',')
+        .map(|entry| {
+            let (scheme, rest) = entry.split_once("://").unwrap_or(("", entry));
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
+                Some(at) => format!("{scheme}://***{}", &rest[at..]),
+                None => entry.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Percent-decodes a URL's user or password (`p%40ss` → `p@ss`): the server wants the text,
+/// the URL holds it encoded.
+pub(crate) fn decode_credential(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_servers;
+    use super::{decode_credential, parse_servers};
+
+    #[test]
+    fn credentials_never_appear_in_errors_and_are_decoded_for_the_server() {
+        let error = parse_servers("nats://app:s3cret@a:42x2").expect_err("a bad port");
+        assert!(
+            !error.contains("s3cret") && error.contains("***@a:42x2"),
+            "{error}"
+        );
+        let error = parse_servers("nats://tok@a:4222,,b").expect_err("an empty entry");
+        assert!(!error.contains("tok"), "{error}");
+        assert_eq!(decode_credential("p%40ss%2Fw0rd"), "p@ss/w0rd");
+        assert_eq!(decode_credential("plain%zz"), "plain%zz");
+    }
 
     #[test]
     fn a_comma_separated_list_names_every_server() {

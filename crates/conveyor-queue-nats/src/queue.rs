@@ -79,9 +79,12 @@ pub async fn connect(
         if let Some(first) = servers.first()
             && let Some(user) = first.username()
         {
+            let user = crate::config::decode_credential(user);
             options = match first.password() {
-                Some(password) => options.user_and_password(user.into(), password.into()),
-                None => options.token(user.into()),
+                Some(password) => {
+                    options.user_and_password(user, crate::config::decode_credential(password))
+                }
+                None => options.token(user),
             };
         }
         match options.connect(servers.to_vec()).await {

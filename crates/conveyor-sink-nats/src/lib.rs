@@ -217,6 +217,13 @@ impl Sink for NatsSink {
                 .context()
                 .await
                 .map_err(|message| SinkError::retryable(&self.described, message))?;
+            // While the client reconnects, fail at once instead of waiting out every PubAck.
+            if js.client().connection_state() != async_nats::connection::State::Connected {
+                return Err(SinkError::retryable(
+                    &self.described,
+                    "not connected to NATS (reconnecting)",
+                ));
+            }
             for chunk in pending.chunks(self.settings.max_in_flight) {
                 let outcomes = self.publish(js, events, chunk, processed_at_ms).await;
                 settle_chunk(&mut round, chunk, outcomes);

@@ -68,6 +68,12 @@ impl FileSettings {
             &["path", "rotate_bytes", "rotate_secs", "gzip", "durable"],
         )?;
         let path = PathBuf::from(settings.required("path", "./data/out.ndjson")?);
+        if path.extension().is_some_and(|e| e == "gz" || e == "tmp") {
+            return Err(format!(
+                "path '{}': the active file is plain NDJSON (rotated files get `.gz` with gzip = true)",
+                path.display()
+            ));
+        }
         let rotate_bytes = settings.number("rotate_bytes", 0, 0..=(1 << 40))?;
         let rotate_secs = settings.number("rotate_secs", 0, 0..=(366 * 86_400))?;
         let gzip = settings.boolean("gzip", false)?;
@@ -108,7 +114,7 @@ impl FileSettings {
         (dir, stem, ext)
     }
 
-    /// `out-20261203T142512Z-0001.ndjson`: the time the file was closed (UTC), and a number
+    /// `out-20261203T142512Z-0000.ndjson`: the time the file was closed (UTC), and a number
     /// that keeps names unique within a second; names sort in the order the files were closed.
     fn rotated_name(&self, closed: SystemTime, seq: u32) -> PathBuf {
         let (dir, stem, ext) = self.parts();
@@ -148,9 +154,17 @@ impl FileSettings {
                 let body = rest
                     .strip_suffix(&format!("{plain}.gz"))
                     .or_else(|| rest.strip_suffix(plain.as_str()));
-                // `20261203T142512Z-0001`: 16 + 1 + 4 characters.
+                // `20261203T142512Z-0000`: a UTC time, a dash and four or more digits.
                 body.is_some_and(|b| {
-                    b.len() == 21 && b.as_bytes()[8] == b'T' && b.as_bytes()[15] == b'Z'
+                    let b = b.as_bytes();
+                    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+                    b.len() >= 21
+                        && digits(0..8)
+                        && b[8] == b'T'
+                        && digits(9..15)
+                        && b[15] == b'Z'
+                        && b[16] == b'-'
+                        && digits(17..b.len())
                 })
             })
             .collect();
@@ -167,6 +181,9 @@ pub struct FileSink {
 
 struct Active {
     file: File,
+    /// The active path was renamed away but no fresh file could be opened yet: the next write
+    /// opens it before anything else (never appends to the renamed file).
+    reopen: bool,
     len: u64,
     opened: Instant,
     /// The last rotated name's second and number, to keep names unique.
@@ -186,7 +203,11 @@ impl FileSink {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
+        let existed = path.exists();
         let file = open_append(path)?;
+        if settings.durable && !existed {
+            sync_dir(&settings)?;
+        }
         let complete = complete_length(&file)?;
         if complete < file.metadata()?.len() {
             tracing::warn!(path = %path.display(), kept_bytes = complete, "cutting a torn last line left by a crash");
@@ -203,13 +224,14 @@ impl FileSink {
         if settings.gzip {
             for rotated in settings.rotated_files() {
                 if rotated.extension().is_none_or(|e| e != "gz") {
-                    compress_in_background(rotated);
+                    compress_in_background(rotated, settings.durable);
                 }
             }
         }
         Ok(FileSink {
             active: Arc::new(Mutex::new(Active {
                 file,
+                reopen: false,
                 len: complete,
                 opened,
                 last_rotation: None,
@@ -260,20 +282,33 @@ impl Active {
             target = settings.rotated_name(closed, seq);
         }
         std::fs::rename(&settings.path, &target)?;
-        self.file = open_append(&settings.path)?;
-        if settings.durable {
-            let (dir, _, _) = settings.parts();
-            File::open(dir)?.sync_all()?;
-        }
         self.len = 0;
         self.opened = Instant::now();
         self.last_rotation = Some((second, seq));
         tracing::info!(rotated = %target.display(), "file sink rotated");
         if settings.gzip {
-            compress_in_background(target);
+            compress_in_background(target, settings.durable);
+        }
+        self.reopen = true;
+        self.reopen(settings)
+    }
+
+    /// Opens a fresh active file after a rotation (again, if that failed before).
+    fn reopen(&mut self, settings: &FileSettings) -> std::io::Result<()> {
+        self.file = open_append(&settings.path)?;
+        self.reopen = false;
+        if settings.durable {
+            sync_dir(settings)?;
         }
         Ok(())
     }
+}
+
+/// Syncs the directory of the active file, so that a rename or a new file in it survives a
+/// power loss.
+fn sync_dir(settings: &FileSettings) -> std::io::Result<()> {
+    let (dir, _, _) = settings.parts();
+    File::open(dir)?.sync_all()
 }
 
 /// `ndjson.gz` for `out-….ndjson`.
@@ -286,11 +321,11 @@ fn gz_extension(path: &Path) -> String {
 
 /// Gzips `plain` to `plain.gz` on a thread of its own; the plain file goes once the `.gz` is
 /// complete.
-fn compress_in_background(plain: PathBuf) {
+fn compress_in_background(plain: PathBuf, durable: bool) {
     let spawned = std::thread::Builder::new()
         .name("file-sink-gzip".into())
         .spawn(move || {
-            if let Err(error) = compress(&plain) {
+            if let Err(error) = compress(&plain, durable) {
                 tracing::warn!(file = %plain.display(), %error, "cannot gzip a rotated file; it stays as it is");
             }
         });
@@ -299,18 +334,23 @@ fn compress_in_background(plain: PathBuf) {
     }
 }
 
-fn compress(plain: &Path) -> std::io::Result<()> {
+fn compress(plain: &Path, durable: bool) -> std::io::Result<()> {
     let done = plain.with_extension(gz_extension(plain));
     let mut partial = done.clone().into_os_string();
     partial.push(".tmp");
     let partial = PathBuf::from(partial);
     let mut input = File::open(plain)?;
+    // `create`, not `create_new`: a `.tmp` left by a crash is cut short and written again.
     let mut encoder =
         flate2::write::GzEncoder::new(File::create(&partial)?, flate2::Compression::default());
     std::io::copy(&mut input, &mut encoder)?;
     encoder.finish()?.sync_all()?;
     std::fs::rename(&partial, &done)?;
-    std::fs::remove_file(plain)
+    std::fs::remove_file(plain)?;
+    if durable && let Some(dir) = plain.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The length of the file up to and including its last newline.
@@ -372,37 +412,58 @@ fn tail_ids(path: &Path, limit: usize) -> std::io::Result<Vec<String>> {
     Ok(ids_of_lines(&lines[skip..]))
 }
 
-/// The ids of the last `limit` records of a rotated file, gzipped or not.
+/// The ids of the last `limit` records of a rotated file, gzipped or not. A gzipped file is
+/// read as a stream, keeping only the last `limit` lines.
 fn rotated_tail_ids(path: &Path, limit: usize) -> std::io::Result<Vec<String>> {
+    use std::io::BufRead as _;
     if path.extension().is_none_or(|e| e != "gz") {
         return tail_ids(path, limit);
     }
-    let mut text = Vec::new();
-    flate2::read::GzDecoder::new(File::open(path)?).read_to_end(&mut text)?;
-    let lines: Vec<&[u8]> = text
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    let skip = lines.len().saturating_sub(limit);
-    Ok(ids_of_lines(&lines[skip..]))
+    let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(File::open(path)?));
+    let mut last: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    for line in reader.split(b'\n') {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        if last.len() == limit {
+            last.pop_front();
+        }
+        last.push_back(line);
+    }
+    let lines: Vec<&[u8]> = last.iter().map(Vec::as_slice).collect();
+    Ok(ids_of_lines(&lines))
 }
 
-/// The active file's last ids, then the newest rotated files' until `limit` are found.
+/// The active file's last ids, then the newest rotated files' until `limit` are found. A
+/// rotated file that cannot be read is skipped with a warning: what was gathered still seeds
+/// the window.
 fn recent_ids(settings: &FileSettings, limit: usize) -> std::io::Result<Vec<String>> {
     let mut ids = tail_ids(&settings.path, limit)?;
-    if settings.rotates() {
-        for rotated in settings.rotated_files().iter().rev() {
-            if ids.len() >= limit {
-                break;
+    if !settings.rotates() {
+        return Ok(ids);
+    }
+    let rotated = settings.rotated_files();
+    for file in rotated.iter().rev() {
+        if ids.len() >= limit {
+            break;
+        }
+        let gzipped = file.with_extension(gz_extension(file));
+        if file.extension().is_none_or(|e| e != "gz") && rotated.contains(&gzipped) {
+            continue; // being gzipped: its `.gz` is complete and read instead
+        }
+        let mut read = rotated_tail_ids(file, limit - ids.len());
+        if matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+            // Gzipped (and the plain file removed) since the directory was listed.
+            read = rotated_tail_ids(&gzipped, limit - ids.len());
+        }
+        match read {
+            Ok(mut older) => {
+                older.append(&mut ids);
+                ids = older;
             }
-            // A file being gzipped right now may vanish under us: its `.gz` is read next time.
-            match rotated_tail_ids(rotated, limit - ids.len()) {
-                Ok(mut older) => {
-                    older.append(&mut ids);
-                    ids = older;
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(error),
+            Err(error) => {
+                tracing::warn!(file = %file.display(), %error, "cannot read back a rotated file; skipping it");
             }
         }
     }
@@ -417,12 +478,22 @@ impl Sink for FileSink {
         let settings = self.settings.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let mut active = active.lock().unwrap_or_else(|p| p.into_inner());
+            if active.reopen {
+                active
+                    .reopen(&settings)
+                    .map_err(|e| format!("cannot open a fresh file after rotating: {e}"))?;
+            }
             if active.must_rotate(&settings, bytes.len() as u64) {
                 active
                     .rotate(&settings)
                     .map_err(|e| format!("cannot rotate: {e}"))?;
             }
-            active.file.write_all(&bytes).map_err(|e| e.to_string())?;
+            if let Err(error) = active.file.write_all(&bytes) {
+                // A full disk may take part of the batch: cut it, so that the retry does not
+                // glue its first record to a torn one.
+                let _ = active.file.set_len(active.len);
+                return Err(error.to_string());
+            }
             active.len += bytes.len() as u64;
             if settings.durable {
                 active

@@ -65,6 +65,18 @@ impl OpenSinks {
         if let Some((_, sink)) = open.iter().find(|(s, _)| s == spec) {
             return Ok(Arc::clone(sink));
         }
+        // Two file sinks on one path would rotate and gzip under each other.
+        if let SinkSpec::File(wanted) = spec
+            && open
+                .iter()
+                .any(|(s, _)| matches!(s, SinkSpec::File(other) if other.path == wanted.path))
+        {
+            return Err(format!(
+                "the file sink at '{}' is already open with other settings (rotation, gzip and \
+                 durable change with a restart, not a reload; two sinks cannot share a path)",
+                wanted.path.display()
+            ));
+        }
         let sink = spec.open()?;
         open.push((spec.clone(), Arc::clone(&sink)));
         Ok(sink)
@@ -292,4 +304,29 @@ pub fn test(args: &ConfigFileArgs) -> Result<(), Failure> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_sink_is_opened_once_per_path_and_other_settings_on_it_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.ndjson");
+        let plain: SinkSpec = format!("file:{}", path.display()).parse().expect("spec");
+        let sinks = OpenSinks::default();
+        let first = sinks.open(&plain).expect("open");
+        let again = sinks.open(&plain).expect("the same sink");
+        assert!(Arc::ptr_eq(&first, &again));
+        let rotating = SinkSpec::from_settings(&serde_json::json!({
+            "type": "file", "path": path.to_str().expect("utf-8"), "rotate_bytes": 1000,
+        }))
+        .expect("spec");
+        let refused = sinks.open(&rotating).err().unwrap_or_default();
+        assert!(
+            refused.contains("already open with other settings"),
+            "{refused}"
+        );
+    }
 }
