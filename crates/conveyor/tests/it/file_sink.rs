@@ -23,7 +23,11 @@ fn counts_in(dir: &std::path::Path) -> (HashMap<String, usize>, Vec<String>) {
             continue;
         }
         let mut text = Vec::new();
-        let file = std::fs::File::open(&path).expect("open");
+        // A rotated file gzipped (and removed) since the directory was listed: its `.gz` is
+        // read on the next look (the caller looks again while anything is missing).
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
         if name.ends_with(".gz") {
             flate2::read::GzDecoder::new(file)
                 .read_to_end(&mut text)
