@@ -22,10 +22,11 @@
 //! - The connection is made at the first write (and made again after a failed attempt), so a
 //!   processor starts while the target is down; it then checks that a stream captures the
 //!   subject, creating the named `stream` (file storage, limits retention, no limits) when it
-//!   is missing. Until then every write is retryable with the reason, which the sink's health
+//!   is missing, and again when a publish finds it gone (deleted since). Until then every write is retryable with the reason, which the sink's health
 //!   shows.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -53,6 +54,9 @@ pub struct NatsSink {
     described: String,
     /// Made at the first write that finds the server; see the crate docs.
     connection: OnceCell<Context>,
+    /// A publish found no stream (deleted since): the next write looks for it again, and
+    /// creates the named one.
+    stream_gone: AtomicBool,
     /// Publishes awaiting their PubAck, across all writes.
     in_flight: Arc<Semaphore>,
     answers: Answers,
@@ -72,6 +76,7 @@ impl NatsSink {
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             connection: OnceCell::new(),
+            stream_gone: AtomicBool::new(false),
             answers: Answers::default(),
         }
     }
@@ -86,6 +91,12 @@ impl NatsSink {
         let client = connect(&servers, Duration::ZERO).await?;
         let mut js = jetstream::new(client);
         js.set_timeout(self.settings.timeout);
+        self.find_stream(&js).await?;
+        Ok(js)
+    }
+
+    /// Finds the stream that captures the subject, or creates the named one.
+    async fn find_stream(&self, js: &Context) -> Result<(), String> {
         let subject = &self.settings.subject;
         match (
             js.stream_by_subject(subject.as_str()).await,
@@ -103,7 +114,7 @@ impl NatsSink {
                         "no stream '{name}' captures subject '{subject}' (create_stream = false)"
                     ));
                 }
-                ensure_stream(&js, self.stream_config(name), "sink").await?;
+                ensure_stream(js, self.stream_config(name), "sink").await?;
                 tracing::info!(stream = %name, %subject, "NATS sink: stream ready");
             }
             (Err(error), None) if error.kind() == GetStreamByNameErrorKind::NotFound => {
@@ -118,7 +129,7 @@ impl NatsSink {
                 ));
             }
         }
-        Ok(js)
+        Ok(())
     }
 
     fn stream_config(&self, name: &str) -> jetstream::stream::Config {
@@ -195,9 +206,12 @@ impl NatsSink {
             PublishErrorKind::MaxPayloadExceeded => Outcome::Refused(format!(
                 "a message of {size} bytes is larger than the server's max_payload: {text}"
             )),
-            PublishErrorKind::StreamNotFound => Outcome::Retry(format!(
-                "no stream captures subject '{subject}' (no responders)"
-            )),
+            PublishErrorKind::StreamNotFound => {
+                self.stream_gone.store(true, Ordering::Relaxed);
+                Outcome::Retry(format!(
+                    "no stream captures subject '{subject}' (no responders)"
+                ))
+            }
             PublishErrorKind::TimedOut => Outcome::Retry(format!(
                 "no PubAck within {:?} on subject '{subject}'",
                 self.settings.timeout
@@ -223,6 +237,12 @@ impl Sink for NatsSink {
                     &self.described,
                     "not connected to NATS (reconnecting)",
                 ));
+            }
+            if self.stream_gone.swap(false, Ordering::Relaxed)
+                && let Err(message) = self.find_stream(js).await
+            {
+                self.stream_gone.store(true, Ordering::Relaxed);
+                return Err(SinkError::retryable(&self.described, message));
             }
             for chunk in pending.chunks(self.settings.max_in_flight) {
                 let outcomes = self.publish(js, events, chunk, processed_at_ms).await;

@@ -189,6 +189,28 @@ async fn a_message_the_stream_cannot_hold_is_refused_and_the_rest_written() {
 }
 
 #[tokio::test]
+async fn a_named_stream_deleted_under_the_sink_is_created_again() {
+    let server = NatsServer::start();
+    let sink = sink(&server, "subject=kept.events&stream=KEPT");
+    sink.write(&events(2), 1).await.expect("written");
+    let js = jetstream::new(async_nats::connect(server.url()).await.expect("client"));
+    js.delete_stream("KEPT").await.expect("deleted");
+    // The publish finds no stream: retryable; the next write makes it again.
+    let error = sink.write(&events(3), 1).await.expect_err("no stream");
+    assert!(error.is_retryable(), "{error}");
+    assert!(
+        error
+            .message
+            .contains("no stream captures subject 'kept.events'"),
+        "{error}"
+    );
+    sink.write(&events(3), 1)
+        .await
+        .expect("written into the new stream");
+    assert_eq!(server.stream_messages("KEPT").await.len(), 3);
+}
+
+#[tokio::test]
 async fn a_subject_captured_by_another_stream_than_the_named_one_is_named() {
     let server = NatsServer::start();
     let js = jetstream::new(async_nats::connect(server.url()).await.expect("client"));
