@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use conveyor_queue_kafka::{KafkaConfig, check_settings};
-use conveyor_sink::settings::Settings;
+use conveyor_sink::settings::{Settings, query_table};
 
 /// What a record carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,18 +72,13 @@ impl KafkaSinkSettings {
         let (brokers, topic) = place
             .split_once('/')
             .ok_or_else(|| format!("'{spec}' names no topic; expected kafka://host:9092/topic"))?;
-        let mut table = serde_json::Map::new();
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if matches!(key.as_ref(), "brokers" | "topic" | "options") {
-                return Err(format!(
+        let mut table = query_table(query, |key| {
+            matches!(key, "brokers" | "topic" | "options").then(|| {
+                format!(
                     "`{key}` is not a query key of the quick form (the brokers and the topic are its host and path; options need a [sinks] table)"
-                ));
-            }
-            table.insert(
-                key.into_owned(),
-                serde_json::Value::String(value.into_owned()),
-            );
-        }
+                )
+            })
+        })?;
         table.insert("brokers".into(), brokers.into());
         table.insert("topic".into(), topic.into());
         Self::from_settings(&table)

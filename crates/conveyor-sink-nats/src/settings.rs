@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use conveyor_queue_nats::{parse_servers, without_credentials};
-use conveyor_sink::settings::Settings;
+use conveyor_sink::settings::{Settings, query_table};
 
 /// What a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,16 +51,9 @@ impl NatsSinkSettings {
     /// servers comma-separated before the `?`); the query takes the table's keys.
     pub fn from_url(spec: &str) -> Result<Self, String> {
         let (servers, query) = spec.split_once('?').unwrap_or((spec, ""));
-        let mut table = serde_json::Map::new();
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if key == "url" {
-                return Err("the servers come before the `?`, not as `url=`".into());
-            }
-            table.insert(
-                key.into_owned(),
-                serde_json::Value::String(value.into_owned()),
-            );
-        }
+        let mut table = query_table(query, |key| {
+            (key == "url").then(|| "the servers come before the `?`, not as `url=`".to_owned())
+        })?;
         table.insert("url".into(), serde_json::Value::String(servers.to_owned()));
         Self::from_settings(&table)
     }

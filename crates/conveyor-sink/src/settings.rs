@@ -11,6 +11,22 @@ pub struct Settings<'a> {
     table: &'a Map<String, Value>,
 }
 
+/// A quick form's query string (`?table=events&timeout_ms=500`) as a settings table of
+/// strings; `refuse` names a key the quick form takes elsewhere (its host or path), with why.
+pub fn query_table(
+    query: &str,
+    refuse: impl Fn(&str) -> Option<String>,
+) -> Result<Map<String, Value>, String> {
+    let mut table = Map::new();
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if let Some(why) = refuse(&key) {
+            return Err(why);
+        }
+        table.insert(key.into_owned(), Value::String(value.into_owned()));
+    }
+    Ok(table)
+}
+
 impl<'a> Settings<'a> {
     /// Refuses a key not in `known` (`type` is always allowed) by name, listing the known ones.
     pub fn new(
