@@ -18,6 +18,8 @@ SCALE_WORKERS=${SCALE_WORKERS:-1}
 
 echo "==> building release binaries"
 cargo build --release -q -p conveyor -p conveyor-load --bins
+# The sinks' raw-client baselines, built before anything is pinned or measured.
+cargo bench --no-run -q -p conveyor-sink-postgres -p conveyor-sink-http -p conveyor-sink-nats 2>/dev/null
 B=$PWD/target/release/conveyor
 CEILING=$PWD/target/release/conveyor-ceiling
 NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
@@ -130,6 +132,33 @@ echo "==> raw async-nats client vs conveyor's NATS publisher, on the same broker
 BENCH_NATS_URL="nats://127.0.0.1:$nats_port" EVENTS=${NATS_EVENTS:-100000} \
   cargo bench -q -p conveyor-queue-nats --bench nats_path 2>/dev/null | grep '^|' >"$out/nats-raw.md"
 
+echo "==> sinks: conveyor run NDJSON into each sink, next to the sink's raw client loop (same server, same run)"
+# Each row: conveyor run (memory queue, pinned to the server core) writing to a real sink, and
+# the sink crate's bench run pinned to the same core against the same server, whose raw-client
+# row (the same records, batches of 256, 4 writers) is the baseline.
+sinks="$out/sinks.tsv"; : >"$sinks"
+sink_row() { # LABEL NAME SINK_SPEC RAW_OUTPUT RAW_PATTERN
+  start "$2" "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink "$3"
+  load "$2" "$URL" --mode batch --connections 4
+  stop "$PID"
+  printf '%s\t%s\t%s\t%s\n' "$1" "$out/$2.json" "$4" "$5" >>"$sinks"
+}
+pg_url=${CONVEYOR_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+pg_db="bench_e2e_$$"
+psql "$pg_url" -XAtqc "create database $pg_db" >/dev/null
+CONVEYOR_TEST_POSTGRES_URL="$pg_url" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-postgres --bench insert 2>/dev/null >"$out/pg-raw.txt"
+sink_row "PostgreSQL (\`postgres://…?table=events\`)" run-pg "${pg_url%/*}/$pg_db?table=events" \
+  "$out/pg-raw.txt" 'raw tokio-postgres loop\s+(\d+)'
+psql "$pg_url" -XAtqc "drop database $pg_db with (force)" >/dev/null
+start receiver "" "$CEILING" --host 127.0.0.1 --port 0; receiver_pid=$PID
+BENCH_HTTP_URL="$URL/receive" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-http --bench send 2>/dev/null >"$out/http-raw.txt"
+sink_row "HTTP webhook, one event per request (a bare axum receiver)" run-http-sink "$URL/receive" \
+  "$out/http-raw.txt" '\| one event per request \| (\d+) events/s'
+stop "$receiver_pid"
+BENCH_NATS_URL="nats://127.0.0.1:$nats_port" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-nats --bench publish 2>/dev/null >"$out/nats-sink-raw.txt"
+sink_row "NATS JetStream (the nats-server above)" run-nats-sink "nats://127.0.0.1:$nats_port?subject=bench.out&stream=BENCHOUT" \
+  "$out/nats-sink-raw.txt" '^\| (\d+) events/s \|'
+
 echo "==> Kafka protocol (private tansu broker on the server core, in-memory storage)"
 kafka_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 taskset -c "$SERVER_CPUS" env RUST_LOG=warn "$TANSU" broker --listener-url "tcp://127.0.0.1:$kafka_port" \
@@ -160,8 +189,8 @@ for n in 1 2 3; do
   printf '%s\t%s\n' "$n" "$out/scale$n.json" >>"$scaling"
 done
 
-python3 - "$rows" "$scaling" "$DURATION" "$STAGE_CPU" "$SCALE_WORKERS" "$(nproc)" >"$out/table.md" <<'PY'
-import json, sys
+python3 - "$rows" "$scaling" "$DURATION" "$STAGE_CPU" "$SCALE_WORKERS" "$(nproc)" "$sinks" >"$out/table.md" <<'PY'
+import json, re, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 scaling = [l.rstrip("\n").split("\t") for l in open(sys.argv[2]) if l.strip()]
 duration, stage, workers, cpus = sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
@@ -193,6 +222,20 @@ for n, path in scaling:
     p = load(path)["processed"].get("per_sec") or 0
     base = base or p
     print(f"| {n} | {p:,.0f} | {100*p/base:.0f}% |")
+print()
+print("Sinks: `conveyor run` (memory queue, NDJSON x1000 from 4 connections) writing to a real sink, next to that sink's raw client loop (its crate's bench: the same records, batches of 256 from 4 writers, pinned to the same core, the same server; goal 70%):")
+print()
+print("| sink | conveyor run processed ev/s | raw client loop ev/s | share of the raw loop |")
+print("|---|---:|---:|---:|")
+for line in open(sys.argv[7]):
+    if not line.strip():
+        continue
+    label, path, raw_output, pattern = line.rstrip("\n").split("\t")
+    processed = load(path)["processed"].get("per_sec") or 0
+    found = re.search(pattern, open(raw_output).read(), re.M)
+    raw = float(found.group(1)) if found else 0
+    share = f"{100*processed/raw:.0f}%" if raw else "n/a (no raw row)"
+    print(f"| {label} | {processed:,.0f} | {raw:,.0f} | {share} |")
 PY
 
 {
@@ -200,6 +243,14 @@ PY
   echo "NATS publish path, raw client vs conveyor, same broker as above (\`nats_path\` bench):"
   echo
   cat "$out/nats-raw.md"
+  echo
+  echo "The sinks' own benches from the rows above (the sink layer next to the raw client, same server):"
+  echo
+  echo '```'
+  cat "$out/pg-raw.txt"
+  echo '```'
+  echo
+  cat "$out/http-raw.txt" "$out/nats-sink-raw.txt" | grep '^|'
   echo
   echo "Kafka publish path, raw rdkafka producer vs conveyor, same broker as above (\`kafka_path\` bench):"
   echo

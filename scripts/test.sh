@@ -93,25 +93,38 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
 fi
 # end of observability test dependencies
 
-# The gRPC ecosystem test (crates/conveyor/tests/it/grpc_ecosystem.rs) asks conveyor's health
-# and reflection services with the gRPC project's Python client, from a venv under the target
-# dir (reinstalled when tests/grpc/requirements.txt changes).
-grpc_venv="${CARGO_TARGET_DIR:-target}/grpc-venv"
-if ! cmp -s tests/grpc/requirements.txt "$grpc_venv/requirements.txt"; then
+# Python test tools, each in a venv under the target dir made from its requirements file
+# (made again when the file changes): python_venv NAME REQUIREMENTS.
+python_venv() {
+  local venv="${CARGO_TARGET_DIR:-target}/$1" requirements=$2
+  if cmp -s "$requirements" "$venv/requirements.txt"; then
+    return
+  fi
   if ! command -v python3 >/dev/null; then
     echo "python3 not found; installing the Debian packages"
     apt_install python3 python3-venv
   fi
-  echo "installing the gRPC test's Python packages into $grpc_venv (tests/grpc/requirements.txt)"
-  if ! python3 -m venv "$grpc_venv"; then
+  echo "installing $requirements into $venv"
+  rm -rf "$venv"
+  if ! python3 -m venv "$venv"; then
     echo "python3 -m venv failed; installing the Debian package python3-venv"
     apt_install python3-venv
-    python3 -m venv "$grpc_venv"
+    python3 -m venv "$venv"
   fi
-  "$grpc_venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/grpc/requirements.txt
-  cp tests/grpc/requirements.txt "$grpc_venv/requirements.txt"
-fi
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$venv/requirements.txt"
+}
+
+# The gRPC ecosystem test (crates/conveyor/tests/it/grpc_ecosystem.rs) asks conveyor's health
+# and reflection services with the gRPC project's Python client.
+python_venv grpc-venv tests/grpc/requirements.txt
+grpc_venv="${CARGO_TARGET_DIR:-target}/grpc-venv"
 echo "gRPC test client: $grpc_venv ($("$grpc_venv/bin/python" -m pip freeze | grep -E '^grpcio==' || true))"
+
+# The S3 sink tests start their own moto_server (PyPI moto[server], a real S3 wire protocol
+# server) on a random port.
+python_venv s3-venv tests/s3/requirements.txt
+echo "S3 test server: ${CARGO_TARGET_DIR:-target}/s3-venv/bin/moto_server"
 
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check

@@ -5,7 +5,9 @@
 //!
 //! `cargo bench -p conveyor-sink-http --bench send` (or `make bench`).
 //! Knobs: `BENCH_EVENTS` (50000), `BENCH_BATCH` (256: events per write, and per NDJSON request),
-//! `BENCH_CONCURRENCY` (16: requests in flight), `BENCH_WORKERS` (4: writes at once).
+//! `BENCH_CONCURRENCY` (16: requests in flight), `BENCH_WORKERS` (4: writes at once),
+//! `BENCH_HTTP_URL` (a receiver of one's own instead: `make bench-e2e` points it at
+//! `conveyor-ceiling`'s `/receive`, the receiver its HTTP sink row writes to).
 
 use std::sync::Arc;
 
@@ -95,7 +97,10 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let url = receiver().await;
+        let url = match std::env::var("BENCH_HTTP_URL") {
+            Ok(url) => url,
+            Err(_) => receiver().await,
+        };
         println!(
             "{total} events, writes of {batch} from {workers} workers, {concurrency} requests in flight; best of two, alternated"
         );

@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p conveyor-sink-nats --bench publish` (or `make bench`).
 //! Knobs: `BENCH_EVENTS` (50000), `BENCH_BATCH` (256: events per write), `BENCH_WORKERS` (4:
-//! writes at once).
+//! writes at once), `BENCH_NATS_URL` (a server of one's own instead of a private one:
+//! `make bench-e2e` points it at the server its NATS sink row publishes to).
 
 use std::future::IntoFuture as _;
 use std::sync::Arc;
@@ -63,15 +64,22 @@ fn main() {
     let total = knob("BENCH_EVENTS", 50_000);
     let batch = knob("BENCH_BATCH", 256);
     let workers = knob("BENCH_WORKERS", 4);
-    let server = NatsServer::start();
+    // Kept alive for the run when no server is given.
+    let (_private, url) = match std::env::var("BENCH_NATS_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let server = NatsServer::start();
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
         let settings = NatsSinkSettings::from_url(&format!(
-            "{}?subject=bench.events&stream=BENCH",
-            server.url()
+            "{url}?subject=bench.events&stream=BENCH"
         ))
         .expect("settings");
         let nats_sink = Arc::new(NatsSink::new(settings));
@@ -89,7 +97,7 @@ fn main() {
         for round in 0..2 {
             // Fresh ids per run: the stream drops a Msg-Id it has seen.
             let fresh = |who: &str| Arc::new(sensor_events(&format!("{who}{round}"), total));
-            best_raw = best_raw.max(raw(&server.url(), fresh("raw"), batch, workers).await);
+            best_raw = best_raw.max(raw(&url, fresh("raw"), batch, workers).await);
             best_sink = best_sink
                 .max(sink(Arc::clone(&nats_sink), fresh("sink"), batch, workers).await);
         }

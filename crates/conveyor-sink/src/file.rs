@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use conveyor_core::Event;
 use serde_json::{Map, Value};
 
-use crate::record::render;
+use crate::record::{ids_of_lines, render};
 use crate::settings::Settings;
 use crate::{Sink, SinkError};
 
@@ -370,18 +370,6 @@ fn complete_length(file: &File) -> std::io::Result<u64> {
         end = start;
     }
     Ok(0)
-}
-
-/// The ids of NDJSON record lines, in order (a line that is not a record is skipped).
-fn ids_of_lines(lines: &[&[u8]]) -> Vec<String> {
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        id: String,
-    }
-    lines
-        .iter()
-        .filter_map(|line| serde_json::from_slice::<IdOnly>(line).ok().map(|r| r.id))
-        .collect()
 }
 
 /// Reads the ids of the last `limit` records of a plain NDJSON file, oldest first.

@@ -59,6 +59,19 @@ pub fn write_data_value(out: &mut Vec<u8>, event: &Event) {
     }
 }
 
+/// The ids of NDJSON record lines, in order (a line that is not a record is skipped): what a
+/// sink that reads back what it wrote seeds the seen-id window with.
+pub fn ids_of_lines(lines: &[&[u8]]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_slice::<IdOnly>(line).ok().map(|r| r.id))
+        .collect()
+}
+
 pub fn render(events: &[Event], processed_at_ms: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.len() * 256);
     for event in events {

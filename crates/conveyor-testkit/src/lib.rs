@@ -7,15 +7,20 @@
 //! that cannot find the binary fails with a message saying how to get it: there is no silent
 //! skip. [`TestDatabase`] is a PostgreSQL database of a test's own; [`TcpGate`] makes a server
 //! unreachable and reachable again; [`WebhookReceiver`] is an HTTP receiver answering as a
-//! test's script says.
+//! test's script says; [`S3Server`] is a private S3 server (moto) and [`S3Proxy`] a scripted
+//! proxy in front of it.
 
 pub mod bench;
 mod gate;
 mod postgres;
+mod s3;
 mod webhook;
 
 pub use gate::TcpGate;
 pub use postgres::{TestDatabase, psql};
+pub use s3::{
+    Proxied, ProxiedRequest, S3_ACCESS_KEY, S3_SECRET_KEY, S3Proxy, S3Server, find_moto_server,
+};
 pub use webhook::{Received, Reply, WebhookReceiver};
 
 use std::future::Future;

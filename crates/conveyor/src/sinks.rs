@@ -1,6 +1,6 @@
 //! Which sink a `--sink` flag or a `[sinks.NAME]` table names, and opening it: the one place
 //! that knows every sink crate ([`conveyor_sink`] for the local ones,
-//! `conveyor_sink_postgres`, `conveyor_sink_http`, and `conveyor_sink_nats` /
+//! `conveyor_sink_postgres`, `conveyor_sink_http`, `conveyor_sink_s3`, and `conveyor_sink_nats` /
 //! `conveyor_sink_kafka` in a build with the `nats` / `kafka` feature).
 
 use std::sync::Arc;
@@ -13,8 +13,9 @@ use conveyor_sink_kafka::{KafkaSink, KafkaSinkSettings};
 #[cfg(feature = "nats")]
 use conveyor_sink_nats::{NatsSink, NatsSinkSettings};
 use conveyor_sink_postgres::{PostgresSettings, PostgresSink};
+use conveyor_sink_s3::{S3Settings, S3Sink};
 
-const KINDS: &str = "file, stdout, blackhole, postgres, http, nats, kafka";
+const KINDS: &str = "file, stdout, blackhole, postgres, http, s3, nats, kafka";
 
 #[cfg(not(feature = "nats"))]
 const WITHOUT_NATS: &str =
@@ -25,8 +26,8 @@ const WITHOUT_KAFKA: &str =
     "this conveyor was built without Kafka (cargo feature `kafka`; the default build includes it)";
 
 /// Where processed events go, as the `--sink` flag names it: `file:PATH`, `stdout`,
-/// `blackhole`, `postgres://…`, `http(s)://…`, `nats://…?subject=…` or `kafka://…/topic`. Parsed once, when the flag is read; [`SinkSpec::open`]
-/// builds the sink.
+/// `blackhole`, `postgres://…`, `http(s)://…`, `s3://bucket/prefix`, `nats://…?subject=…` or
+/// `kafka://…/topic`. Parsed once, when the flag is read; [`SinkSpec::open`] builds the sink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkSpec {
     File(Box<FileSettings>),
@@ -34,6 +35,7 @@ pub enum SinkSpec {
     Blackhole,
     Postgres(Box<PostgresSettings>),
     Http(Box<HttpSettings>),
+    S3(Box<S3Settings>),
     #[cfg(feature = "nats")]
     Nats(Box<NatsSinkSettings>),
     #[cfg(feature = "kafka")]
@@ -49,6 +51,9 @@ impl std::str::FromStr for SinkSpec {
         }
         if spec.starts_with("http://") || spec.starts_with("https://") {
             return HttpSettings::from_url(spec).map(|s| SinkSpec::Http(Box::new(s)));
+        }
+        if spec.starts_with("s3://") {
+            return S3Settings::from_url(spec).map(|s| SinkSpec::S3(Box::new(s)));
         }
         if spec.starts_with("nats://") {
             #[cfg(feature = "nats")]
@@ -69,7 +74,7 @@ impl std::str::FromStr for SinkSpec {
             None if spec == "stdout" => Ok(SinkSpec::Stdout),
             None if spec == "blackhole" => Ok(SinkSpec::Blackhole),
             _ => Err(format!(
-                "'{spec}' is not a sink; use file:PATH, stdout, blackhole, postgres://user@host:5432/db?table=events, https://receiver/path, nats://host:4222?subject=orders.processed or kafka://host:9092/topic"
+                "'{spec}' is not a sink; use file:PATH, stdout, blackhole, postgres://user@host:5432/db?table=events, https://receiver/path, s3://bucket/prefix, nats://host:4222?subject=orders.processed or kafka://host:9092/topic"
             )),
         }
     }
@@ -84,6 +89,7 @@ impl std::fmt::Display for SinkSpec {
             SinkSpec::Blackhole => f.write_str("blackhole"),
             SinkSpec::Postgres(settings) => f.write_str(&settings.describe()),
             SinkSpec::Http(settings) => f.write_str(&settings.describe()),
+            SinkSpec::S3(settings) => f.write_str(&settings.describe()),
             #[cfg(feature = "nats")]
             SinkSpec::Nats(settings) => f.write_str(&settings.describe()),
             #[cfg(feature = "kafka")]
@@ -105,6 +111,7 @@ impl SinkSpec {
         Ok(match kind {
             "postgres" => SinkSpec::Postgres(Box::new(PostgresSettings::from_settings(table)?)),
             "http" => SinkSpec::Http(Box::new(HttpSettings::from_settings(table)?)),
+            "s3" => SinkSpec::S3(Box::new(S3Settings::from_settings(table)?)),
             #[cfg(feature = "nats")]
             "nats" => SinkSpec::Nats(Box::new(NatsSinkSettings::from_settings(table)?)),
             #[cfg(not(feature = "nats"))]
@@ -139,6 +146,7 @@ impl SinkSpec {
             SinkSpec::Blackhole => Arc::new(BlackholeSink),
             SinkSpec::Postgres(settings) => PostgresSink::new(settings.as_ref().clone()),
             SinkSpec::Http(settings) => Arc::new(HttpSink::new(settings.as_ref().clone())?),
+            SinkSpec::S3(settings) => Arc::new(S3Sink::new(settings.as_ref().clone())?),
             #[cfg(feature = "nats")]
             SinkSpec::Nats(settings) => Arc::new(NatsSink::new(settings.as_ref().clone())),
             #[cfg(feature = "kafka")]
@@ -172,10 +180,18 @@ mod tests {
             .parse::<SinkSpec>()
             .expect_err("bad table");
         assert!(refused.contains("'a-b' is not a table name"), "{refused}");
-        let refused = SinkSpec::from_settings(&serde_json::json!({"type": "s3"})).expect_err("s3");
+        let refused =
+            SinkSpec::from_settings(&serde_json::json!({"type": "ftp"})).expect_err("ftp");
         assert!(
-            refused.contains("known: file, stdout, blackhole, postgres, http, nats, kafka"),
+            refused.contains("known: file, stdout, blackhole, postgres, http, s3, nats, kafka"),
             "{refused}"
+        );
+        let bucket: SinkSpec = "s3://my-events/raw?endpoint=http://127.0.0.1:9000"
+            .parse()
+            .expect("an s3 sink");
+        assert_eq!(
+            bucket.to_string(),
+            "s3://my-events/raw?endpoint=http://127.0.0.1:9000"
         );
     }
 }

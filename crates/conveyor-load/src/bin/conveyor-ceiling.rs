@@ -131,6 +131,8 @@ fn router(ceiling: Ceiling, max_body_bytes: usize) -> Router {
         .route("/api/v1/ingest/batch", post(ingest_batch))
         .route("/api/v1/status", get(status))
         .route("/health", get(|| async { "ok" }))
+        // The HTTP sink's bare receiver for `make bench-e2e`: reads the body, answers 200.
+        .route("/receive", post(|_body: Bytes| async { "" }))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(ceiling)
 }

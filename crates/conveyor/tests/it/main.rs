@@ -22,6 +22,7 @@ mod nats_sink;
 mod observability;
 mod pipelines;
 mod postgres;
+mod s3_sink;
 mod shutdown;
 mod split;
 mod tracing;

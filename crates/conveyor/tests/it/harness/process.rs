@@ -370,12 +370,23 @@ pub struct NatsSplit {
     nats_url: String,
     port: u16,
     sink: String,
+    /// The processor's own environment, for what a sink reads from it (a secret).
+    env: Vec<(String, String)>,
 }
 
 impl NatsSplit {
     pub async fn start(nats_url: &str, sink: &str) -> NatsSplit {
+        Self::start_with_env(nats_url, sink, &[]).await
+    }
+
+    /// With these variables in the processor's environment.
+    pub async fn start_with_env(nats_url: &str, sink: &str, env: &[(&str, &str)]) -> NatsSplit {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let port = conveyor_testkit::free_port();
-        let processor = Self::processor_at(nats_url, port, sink).await;
+        let processor = Self::processor_at(nats_url, port, sink, &env).await;
         let ingest = Self::on_nats(Spawn::new("ingest"), nats_url).start().await;
         let gateway = Spawn::gateway_for(&ingest, &[&processor]).start().await;
         NatsSplit {
@@ -385,6 +396,7 @@ impl NatsSplit {
             nats_url: nats_url.to_owned(),
             port,
             sink: sink.to_owned(),
+            env,
         }
     }
 
@@ -395,8 +407,17 @@ impl NatsSplit {
             .env("CONVEYOR_NATS_ACK_WAIT_SECS", "2")
     }
 
-    async fn processor_at(nats_url: &str, port: u16, sink: &str) -> Conveyor {
-        Self::on_nats(Spawn::new("processor"), nats_url)
+    async fn processor_at(
+        nats_url: &str,
+        port: u16,
+        sink: &str,
+        env: &[(String, String)],
+    ) -> Conveyor {
+        let mut spawn = Self::on_nats(Spawn::new("processor"), nats_url);
+        for (key, value) in env {
+            spawn = spawn.env(key, value);
+        }
+        spawn
             .without_listen_flags()
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .sink_spec(sink)
@@ -412,7 +433,7 @@ impl NatsSplit {
 
     /// Starts the processor again, on its port.
     pub async fn start_processor(&mut self) {
-        self.processor = Self::processor_at(&self.nats_url, self.port, &self.sink).await;
+        self.processor = Self::processor_at(&self.nats_url, self.port, &self.sink, &self.env).await;
     }
 }
 
