@@ -6,9 +6,9 @@
 //! # Delivery
 //!
 //! - Each record's key is a configured part of the event (its source by default, its id, a
-//!   field of its data, a metadata entry, or none), so records with the same key stay in order
-//!   in one partition. A `data.PATH` key missing from an event (or data that is not JSON) makes
-//!   a record without a key.
+//!   field named by a jq path such as `.data.customer.id` or `.metadata.tenant`, or none), so
+//!   records with the same key stay in order in one partition. A field missing from an event
+//!   (or null, or data that is not JSON) makes a record without a key.
 //! - Answers: a delivery report naming an offset is written. No report within `timeout_ms`,
 //!   the broker unreachable (the backend's view of it), librdkafka's queue full: retryable,
 //!   until the broker takes them. A record the broker can never store (larger than its
@@ -32,10 +32,11 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conveyor_core::{ContentType, Event};
+use conveyor_core::Event;
 use conveyor_queue::{Health, Publisher as _};
 use conveyor_queue_kafka::{KafkaQueue, ProduceErrorKind, Record, encode};
 use conveyor_sink::answers::Answers;
+use conveyor_sink::field::{EventFields, as_text};
 use conveyor_sink::record::write_record;
 use conveyor_sink::{Sink, SinkError};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -130,19 +131,11 @@ impl KafkaSink {
             Key::Id => Some(event.id.as_bytes().to_vec()),
             Key::Source => Some(event.source.as_bytes().to_vec()),
             Key::None => None,
-            Key::Metadata(name) => event.metadata.get(name).map(|v| v.as_bytes().to_vec()),
-            Key::Data(path) => {
-                if event.content_type != ContentType::Json {
-                    return None;
-                }
-                let data: serde_json::Value = serde_json::from_slice(&event.payload).ok()?;
-                let field = path.iter().try_fold(&data, |value, step| value.get(step))?;
-                match field {
-                    serde_json::Value::Null => None,
-                    serde_json::Value::String(text) => Some(text.as_bytes().to_vec()),
-                    other => Some(other.to_string().into_bytes()),
-                }
-            }
+            Key::Field(path) => EventFields::new(event)
+                .get(path)
+                .as_ref()
+                .and_then(as_text)
+                .map(String::into_bytes),
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use conveyor_queue_kafka::{KafkaConfig, check_settings};
+use conveyor_sink::field::FieldPath;
 use conveyor_sink::settings::{Settings, query_table};
 
 /// What a record carries.
@@ -24,10 +25,8 @@ pub enum Key {
     Id,
     Source,
     None,
-    /// A field of the event's JSON data, by dotted path (`customer.id`).
-    Data(Vec<String>),
-    /// A metadata entry.
-    Metadata(String),
+    /// A field of the event by its jq path (`.data.customer.id`, `.metadata.tenant`).
+    Field(FieldPath),
 }
 
 /// Where and how the sink produces.
@@ -85,7 +84,8 @@ impl KafkaSinkSettings {
     }
 
     /// A `[sinks.NAME]` table with `type = "kafka"`: `brokers` (127.0.0.1:9092), `topic`
-    /// (required), `key` (source | id | none | data.PATH | metadata.NAME; default source),
+    /// (required), `key` (source | id | none | a field path such as .data.customer.id or .metadata.tenant; default
+    /// source),
     /// `encoding` (record | event), `partitions` (6), `replication_factor` (1), `timeout_ms`
     /// (10000), `max_in_flight` (4096), `options` (librdkafka producer settings).
     pub fn from_settings(
@@ -106,17 +106,10 @@ impl KafkaSinkSettings {
             None | Some("source") => Key::Source,
             Some("id") => Key::Id,
             Some("none") => Key::None,
-            Some(other) => match other.split_once('.') {
-                Some(("data", path)) if path.split('.').all(|p| !p.is_empty()) => {
-                    Key::Data(path.split('.').map(str::to_owned).collect())
-                }
-                Some(("metadata", name)) if !name.is_empty() => Key::Metadata(name.to_owned()),
-                _ => {
-                    return Err(format!(
-                        "key is source, id, none, data.PATH or metadata.NAME, not '{other}'"
-                    ));
-                }
-            },
+            Some(path) => Key::Field(
+                FieldPath::parse(path)
+                    .map_err(|e| format!("key is source, id, none or a field path: {e}"))?,
+            ),
         };
         let encoding = match settings.choice("encoding", &["record", "event"])? {
             None | Some("record") => Encoding::Record,
@@ -190,13 +183,16 @@ mod tests {
         assert_eq!(settings.topic, "orders.out");
         assert_eq!(
             settings.key,
-            Key::Data(vec!["customer".into(), "id".into()])
+            Key::Field(FieldPath::parse("data.customer.id").expect("a path"))
         );
         assert_eq!(settings.encoding, Encoding::Record);
         assert_eq!(settings.describe(), "kafka://a:9092,b:9092/orders.out");
         let settings = KafkaSinkSettings::from_url("kafka://a:9092/t?key=metadata.tenant")
             .expect("a kafka sink");
-        assert_eq!(settings.key, Key::Metadata("tenant".into()));
+        assert_eq!(
+            settings.key,
+            Key::Field(FieldPath::parse(".metadata.tenant").expect("a path"))
+        );
     }
 
     #[test]
@@ -205,7 +201,9 @@ mod tests {
         assert!(refused("kafka://a:9092").contains("names no topic"));
         assert!(refused("kafka://a:9092/a b").contains("not a Kafka topic name"));
         assert!(refused("kafka://a:9092/t?key=data.").contains("key is source, id, none"));
-        assert!(refused("kafka://a:9092/t?key=customer").contains("not 'customer'"));
+        assert!(
+            refused("kafka://a:9092/t?key=customer").contains("'customer' is not a field path")
+        );
         assert!(refused("kafka://a:9092/t?encoding=avro").contains("encoding is one of"));
         assert!(refused("kafka://a:9092/t?partitions=0").contains("partitions"));
         assert!(refused("kafka://a:9092/t?group=g").contains("no setting `group`"));

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use conveyor_core::ContentType;
 use conveyor_queue::Queue as _;
 use conveyor_queue_kafka::KafkaConfig;
 use conveyor_sink::ErrorKind;

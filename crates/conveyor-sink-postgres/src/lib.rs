@@ -4,9 +4,11 @@
 //! duplicates, before the processor's seen-id window.
 //!
 //! Rows: `id text primary key, source text, "timestamp" timestamptz, data jsonb, metadata
-//! jsonb, processed_at timestamptz` (the table is created when missing, unless
-//! `create_table = false`). `data` is the event's data as JSON (text as a JSON string, bytes
-//! that are not UTF-8 as `{"data_base64": …}`, see [`conveyor_sink::record`]).
+//! jsonb, processed_at timestamptz`, then the user's own columns, each a field of the event
+//! named by a jq path ([`conveyor_sink::field`]) and cast by the server to the column's type
+//! (the table is created when missing, unless `create_table = false`). `data` is the event's
+//! data as JSON (text as a JSON string, bytes that are not UTF-8 as `{"data_base64": …}`, see
+//! [`conveyor_sink::record`]).
 //!
 //! Failures, by SQLSTATE class (see [`classify`]): a connection lost or refused, the server
 //! starting up or shutting down, out of resources, a serialization failure or deadlock are
@@ -26,11 +28,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use conveyor_core::Event;
+use conveyor_sink::field::{EventFields, FieldPath, as_text};
 use conveyor_sink::record::{write_data_value, write_metadata};
 use conveyor_sink::settings::Settings;
 use conveyor_sink::{Sink, SinkError};
 use tokio::sync::Semaphore;
 use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 /// Settings of conveyor's own in the quick form's query string (the rest is the server's).
@@ -49,6 +53,110 @@ pub struct PostgresSettings {
     pub connections: usize,
     /// Longest a write may take.
     pub timeout: Duration,
+    /// The user's own columns, after the default ones.
+    pub columns: Vec<Column>,
+}
+
+/// A column of the user's own: a field of the event, cast to `sql_type` by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub path: FieldPath,
+    /// One of [`COLUMN_TYPES`].
+    pub sql_type: &'static str,
+}
+
+/// The types a user column may have (a value is sent as text and cast: a value the type
+/// cannot hold is the event's fault, and only that event goes to the DLQ).
+pub const COLUMN_TYPES: &[&str] = &[
+    "text",
+    "integer",
+    "bigint",
+    "double precision",
+    "numeric",
+    "boolean",
+    "timestamptz",
+    "date",
+    "uuid",
+    "jsonb",
+];
+
+/// The sink's own columns, which a user column cannot be.
+const DEFAULT_COLUMNS: &[&str] = &[
+    "id",
+    "source",
+    "timestamp",
+    "data",
+    "metadata",
+    "processed_at",
+];
+
+impl Column {
+    /// `name = ".data.path"` (a text column) or `name = { path = ".data.path", type = "bigint" }`.
+    fn parse(name: &str, spec: &serde_json::Value) -> Result<Self, String> {
+        let problem = |why: String| format!("columns.{name}: {why}");
+        if !TableName::valid_part(name) {
+            return Err(problem(
+                "a column name is letters, digits and _, not starting with a digit, at most 63"
+                    .into(),
+            ));
+        }
+        if DEFAULT_COLUMNS.contains(&name) {
+            return Err(problem(format!(
+                "{name} is one of the sink's own columns ({})",
+                DEFAULT_COLUMNS.join(", ")
+            )));
+        }
+        let (path, sql_type) = match spec {
+            serde_json::Value::String(path) => (path.as_str(), "text"),
+            serde_json::Value::Object(table) => {
+                if let Some(key) = table.keys().find(|k| *k != "path" && *k != "type") {
+                    return Err(problem(format!(
+                        "no setting `{key}` (settings: path, type)"
+                    )));
+                }
+                let path = table
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .ok_or_else(|| problem("needs `path` (e.g. \".data.customer.id\")".into()))?;
+                let sql_type = match table.get("type") {
+                    None => "text",
+                    Some(serde_json::Value::String(t)) => COLUMN_TYPES
+                        .iter()
+                        .find(|known| **known == t.as_str())
+                        .copied()
+                        .ok_or_else(|| {
+                            problem(format!(
+                                "type is one of {}, not '{t}'",
+                                COLUMN_TYPES.join(", ")
+                            ))
+                        })?,
+                    Some(other) => return Err(problem(format!("type is a string, not {other}"))),
+                };
+                (path, sql_type)
+            }
+            other => {
+                return Err(problem(format!(
+                    "a column is a field path or {{ path = …, type = … }}, not {other}"
+                )));
+            }
+        };
+        Ok(Column {
+            name: name.to_owned(),
+            path: FieldPath::parse(path).map_err(problem)?,
+            sql_type,
+        })
+    }
+
+    /// The column's value for one event, as the text the server casts.
+    fn value(&self, fields: &EventFields<'_>) -> Option<String> {
+        let value = fields.get(&self.path)?;
+        if self.sql_type == "jsonb" {
+            (!value.is_null()).then(|| value.to_string())
+        } else {
+            as_text(&value)
+        }
+    }
 }
 
 impl PostgresSettings {
@@ -82,15 +190,22 @@ impl PostgresSettings {
     }
 
     /// A `[sinks.NAME]` table of the config file with `type = "postgres"`: `url` (required),
-    /// `table` (`events`), `create_table`, `connections`, `timeout_ms`. Values may be given as
-    /// strings (the quick form's query) or as TOML values.
+    /// `table` (`events`), `create_table`, `connections`, `timeout_ms`, `columns` (see
+    /// [`Column`]). Values may be given as strings (the quick form's query) or as TOML values.
     pub fn from_settings(
         settings: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Self, String> {
         let settings = Settings::new(
             "postgres",
             settings,
-            &["url", "table", "create_table", "connections", "timeout_ms"],
+            &[
+                "url",
+                "table",
+                "create_table",
+                "connections",
+                "timeout_ms",
+                "columns",
+            ],
         )?;
         let url = settings.required("url", "postgres://user@host:5432/database")?;
         let connection: tokio_postgres::Config = url.parse().map_err(|e| {
@@ -107,12 +222,18 @@ impl PostgresSettings {
         let connections = settings.number("connections", 4, 1..=256)? as usize;
         let timeout =
             Duration::from_millis(settings.number("timeout_ms", 30_000, 1..=3_600_000)?);
+        let columns = settings
+            .entries("columns")?
+            .iter()
+            .map(|(name, spec)| Column::parse(name, spec))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(PostgresSettings {
             connection,
             table,
             create_table,
             connections,
             timeout,
+            columns,
         })
     }
 
@@ -153,13 +274,17 @@ pub struct TableName {
 }
 
 impl TableName {
+    /// A name PostgreSQL takes quoted as it is: letters, digits and `_`, not starting with a
+    /// digit, at most 63 bytes.
+    fn valid_part(part: &str) -> bool {
+        !part.is_empty()
+            && part.len() <= 63
+            && !part.starts_with(|c: char| c.is_ascii_digit())
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
-        let valid = |part: &str| {
-            !part.is_empty()
-                && part.len() <= 63
-                && !part.starts_with(|c: char| c.is_ascii_digit())
-                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        };
+        let valid = Self::valid_part;
         let (schema, name) = match text.split_once('.') {
             Some((schema, name)) => (Some(schema), name),
             None => (None, text),
@@ -256,11 +381,27 @@ impl PostgresSink {
     /// at start-up delays the events, not the process.
     pub fn new(settings: PostgresSettings) -> Arc<Self> {
         let table = settings.table.quoted();
+        // The user's columns: their names, their casts, their arrays ($7 on), their aliases.
+        let (mut names, mut casts, mut arrays, mut aliases, mut declared) = (
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        );
+        for (i, column) in settings.columns.iter().enumerate() {
+            let (name, sql_type) = (&column.name, column.sql_type);
+            names.push_str(&format!(", \"{name}\""));
+            casts.push_str(&format!(", u{i}::{sql_type}"));
+            arrays.push_str(&format!(", ${}::text[]", 7 + i));
+            aliases.push_str(&format!(", u{i}"));
+            declared.push_str(&format!(", \"{name}\" {sql_type}"));
+        }
         let insert = format!(
-            "INSERT INTO {table} (id, source, \"timestamp\", data, metadata, processed_at) \
-             SELECT id, source, ts, data::jsonb, metadata::jsonb, $6::timestamptz \
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]) \
-             AS batch(id, source, ts, data, metadata) \
+            "INSERT INTO {table} (id, source, \"timestamp\", data, metadata, processed_at{names}) \
+             SELECT id, source, ts, data::jsonb, metadata::jsonb, $6::timestamptz{casts} \
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]{arrays}) \
+             AS batch(id, source, ts, data, metadata{aliases}) \
              ON CONFLICT (id) DO NOTHING"
         );
         let create = format!(
@@ -270,7 +411,7 @@ impl PostgresSink {
              \"timestamp\" timestamptz NOT NULL, \
              data jsonb, \
              metadata jsonb NOT NULL DEFAULT '{{}}', \
-             processed_at timestamptz NOT NULL)"
+             processed_at timestamptz NOT NULL{declared})"
         );
         Arc::new(PostgresSink {
             described: settings.describe(),
@@ -351,6 +492,9 @@ impl PostgresSink {
             .collect();
         let mut data = Vec::with_capacity(events.len());
         let mut metadata = Vec::with_capacity(events.len());
+        let columns = &self.settings.columns;
+        let mut values: Vec<Vec<Option<String>>> =
+            vec![Vec::with_capacity(events.len()); columns.len()];
         let mut buffer = Vec::new();
         for event in events {
             buffer.clear();
@@ -359,14 +503,17 @@ impl PostgresSink {
             buffer.clear();
             write_metadata(&mut buffer, event);
             metadata.push(String::from_utf8_lossy(&buffer).into_owned());
+            if !columns.is_empty() {
+                let fields = EventFields::new(event);
+                for (column, values) in columns.iter().zip(&mut values) {
+                    values.push(column.value(&fields));
+                }
+            }
         }
-        client
-            .execute(
-                &self.insert,
-                &[&ids, &sources, &timestamps, &data, &metadata, &processed_at],
-            )
-            .await
-            .map(|_| ())
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            vec![&ids, &sources, &timestamps, &data, &metadata, &processed_at];
+        params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
+        client.execute(&self.insert, &params).await.map(|_| ())
     }
 
     /// Writes the batch on `client`; see the crate docs for what each failure becomes.

@@ -175,3 +175,83 @@ fn settings_are_checked_and_name_the_problem() {
     .expect_err("a typo");
     assert!(unknown.contains("`tabel`"), "{unknown}");
 }
+
+fn with_columns(url: &str, columns: serde_json::Value) -> Result<PostgresSettings, String> {
+    PostgresSettings::from_settings(
+        serde_json::json!({"type": "postgres", "url": url, "table": "orders", "columns": columns})
+            .as_object()
+            .expect("object"),
+    )
+}
+
+#[tokio::test]
+async fn user_columns_hold_the_fields_their_paths_name_and_a_value_of_the_wrong_type_goes_alone() {
+    let db = TestDatabase::create();
+    let settings = with_columns(
+        &db.url(),
+        serde_json::json!({
+            "customer": ".data.customer.id",
+            "total": {"path": ".data.total", "type": "numeric"},
+            "region": ".metadata.region",
+            "tags": {"path": ".data.tags", "type": "jsonb"},
+            "paid": {"path": "data.paid", "type": "boolean"},
+        }),
+    )
+    .expect("settings");
+    let sink = PostgresSink::new(settings);
+    let events = vec![
+        event(
+            "o-1",
+            r#"{"customer": {"id": 42}, "total": 9.5, "tags": ["a"], "paid": true}"#,
+        ),
+        // A total the column's type cannot hold: this event alone is refused.
+        event("o-2", r#"{"customer": {"id": "c-7"}, "total": "lots"}"#),
+        // No customer, no tags: NULLs.
+        event("o-3", r#"{"total": 1, "paid": false}"#),
+    ];
+    let error = sink.write(&events, 1).await.expect_err("o-2's total");
+    let ErrorKind::Rejected(rejected) = &error.kind else {
+        panic!("rejected, not {error:?}");
+    };
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].0, 1);
+    assert!(
+        rejected[0].1.contains("numeric") && rejected[0].1.contains("lots"),
+        "the server's words: {}",
+        rejected[0].1
+    );
+    assert_eq!(
+        db.query(
+            "SELECT id, customer, total, region, tags->>0, paid, data->>'total' FROM orders ORDER BY id"
+        ),
+        "o-1|42|9.5|eu|a|t|9.5\no-3||1|eu||f|1",
+        "the user columns beside the default ones"
+    );
+}
+
+#[test]
+fn user_columns_are_checked_and_name_the_problem() {
+    let bad = |columns: serde_json::Value| {
+        with_columns("postgres://h/db", columns).expect_err("a bad column")
+    };
+    assert!(
+        bad(serde_json::json!({"id": ".data.id"}))
+            .contains("columns.id: id is one of the sink's own columns")
+    );
+    assert!(bad(serde_json::json!({"a-b": ".data.x"})).contains("columns.a-b: a column name"));
+    assert!(
+        bad(serde_json::json!({"c": ".body.x"}))
+            .contains("columns.c: '.body.x' is not a field path")
+    );
+    assert!(
+        bad(serde_json::json!({"c": {"path": ".data.x", "type": "money; drop"}}))
+            .contains("type is one of text, integer")
+    );
+    assert!(
+        bad(serde_json::json!({"c": {"path": ".data.x", "kind": "text"}}))
+            .contains("no setting `kind`")
+    );
+    assert!(bad(serde_json::json!({"c": {"type": "text"}})).contains("needs `path`"));
+    assert!(bad(serde_json::json!({"c": 5})).contains("a column is a field path"));
+    assert!(bad(serde_json::json!("x")).contains("columns is a table"));
+}

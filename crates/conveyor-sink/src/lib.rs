@@ -39,6 +39,7 @@ use async_trait::async_trait;
 use conveyor_core::Event;
 
 pub mod answers;
+pub mod field;
 mod file;
 mod local;
 pub mod record;

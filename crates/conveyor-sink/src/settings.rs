@@ -114,6 +114,19 @@ impl<'a> Settings<'a> {
         }
     }
 
+    /// A table's entries, each value as given (`columns = { customer = ".data.customer.id" }`),
+    /// in key order.
+    pub fn entries(&self, key: &str) -> Result<Vec<(String, Value)>, String> {
+        match self.table.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Object(entries)) => Ok(entries
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect()),
+            Some(other) => Err(format!("{key} is a table, not {other}")),
+        }
+    }
+
     /// A table of strings (`headers = { "x-team" = "data" }`), in key order.
     pub fn strings(&self, key: &str) -> Result<Vec<(String, String)>, String> {
         match self.table.get(key) {
