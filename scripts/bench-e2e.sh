@@ -16,10 +16,21 @@ APPEND=${APPEND:-1}
 STAGE_CPU=${STAGE_CPU:-cpu:2000}
 SCALE_WORKERS=${SCALE_WORKERS:-1}
 
+# The PostgreSQL row writes into a database of its own on CONVEYOR_TEST_POSTGRES_URL's server
+# (the machine's by default), dropped when the script ends.
+pg_url=${CONVEYOR_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+if ! command -v psql >/dev/null || ! psql "$pg_url" -XAtqc "select 1" >/dev/null 2>&1; then
+  echo "no PostgreSQL answers at $pg_url: set CONVEYOR_TEST_POSTGRES_URL to a server (make test starts one)" >&2
+  exit 1
+fi
+
 echo "==> building release binaries"
 cargo build --release -q -p conveyor -p conveyor-load --bins
-# The sinks' raw-client baselines, built before anything is pinned or measured.
-cargo bench --no-run -q -p conveyor-sink-postgres -p conveyor-sink-http -p conveyor-sink-nats 2>/dev/null
+# The sinks' raw-client baselines, built before anything is pinned or measured (one package
+# at a time, as they are run below, so nothing is built again while pinned).
+for crate in conveyor-sink-postgres conveyor-sink-http conveyor-sink-nats; do
+  cargo bench --no-run -q -p "$crate"
+done
 B=$PWD/target/release/conveyor
 CEILING=$PWD/target/release/conveyor-ceiling
 NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
@@ -143,19 +154,19 @@ sink_row() { # LABEL NAME SINK_SPEC RAW_OUTPUT RAW_PATTERN
   stop "$PID"
   printf '%s\t%s\t%s\t%s\n' "$1" "$out/$2.json" "$4" "$5" >>"$sinks"
 }
-pg_url=${CONVEYOR_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 pg_db="bench_e2e_$$"
 psql "$pg_url" -XAtqc "create database $pg_db" >/dev/null
-CONVEYOR_TEST_POSTGRES_URL="$pg_url" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-postgres --bench insert 2>/dev/null >"$out/pg-raw.txt"
-sink_row "PostgreSQL (\`postgres://…?table=events\`)" run-pg "${pg_url%/*}/$pg_db?table=events" \
+trap 'psql "$pg_url" -XAtqc "drop database if exists $pg_db with (force)" >/dev/null 2>&1 || true; cleanup' EXIT
+pg_sink=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit((p.scheme, p.netloc, "/" + sys.argv[2], "table=events", "")))' "$pg_url" "$pg_db")
+CONVEYOR_TEST_POSTGRES_URL="$pg_url" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-postgres --bench insert >"$out/pg-raw.txt" 2>"$out/pg-raw.err"
+sink_row "PostgreSQL (\`postgres://…?table=events\`)" run-pg "$pg_sink" \
   "$out/pg-raw.txt" 'raw tokio-postgres loop\s+(\d+)'
-psql "$pg_url" -XAtqc "drop database $pg_db with (force)" >/dev/null
 start receiver "" "$CEILING" --host 127.0.0.1 --port 0; receiver_pid=$PID
-BENCH_HTTP_URL="$URL/receive" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-http --bench send 2>/dev/null >"$out/http-raw.txt"
+BENCH_HTTP_URL="$URL/receive" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-http --bench send >"$out/http-raw.txt" 2>"$out/http-raw.err"
 sink_row "HTTP webhook, one event per request (a bare axum receiver)" run-http-sink "$URL/receive" \
   "$out/http-raw.txt" '\| one event per request \| (\d+) events/s'
 stop "$receiver_pid"
-BENCH_NATS_URL="nats://127.0.0.1:$nats_port" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-nats --bench publish 2>/dev/null >"$out/nats-sink-raw.txt"
+BENCH_NATS_URL="nats://127.0.0.1:$nats_port" taskset -c "$SERVER_CPUS" cargo bench -q -p conveyor-sink-nats --bench publish >"$out/nats-sink-raw.txt" 2>"$out/nats-sink-raw.err"
 sink_row "NATS JetStream (the nats-server above)" run-nats-sink "nats://127.0.0.1:$nats_port?subject=bench.out&stream=BENCHOUT" \
   "$out/nats-sink-raw.txt" '^\| (\d+) events/s \|'
 

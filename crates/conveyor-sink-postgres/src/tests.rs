@@ -188,7 +188,7 @@ fn with_columns(url: &str, columns: serde_json::Value) -> Result<PostgresSetting
 async fn user_columns_hold_the_fields_their_paths_name_and_a_value_of_the_wrong_type_goes_alone() {
     let db = TestDatabase::create();
     let settings = with_columns(
-        &db.url(),
+        db.url(),
         serde_json::json!({
             "customer": ".data.customer.id",
             "total": {"path": ".data.total", "type": "numeric"},

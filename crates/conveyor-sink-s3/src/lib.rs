@@ -19,7 +19,7 @@
 //! - an upload that finished after the sink gave up on it can only add a copy, never replace
 //!   another object's events.
 //!
-//! # Exactly once
+//! # Once, and where a copy can still happen
 //!
 //! When an upload fails, its events go back to the queue and may come back in another
 //! mix, which would be another object. Whether the failed upload in fact landed (an answer
@@ -27,9 +27,15 @@
 //! recently uploaded event went into, and when one of them comes back it asks the store for
 //! that object (`HEAD`) and skips the events it holds. After a crash, [`Sink::recent_ids`]
 //! reads the newest objects of today's and yesterday's partitions, so the processor's seen-id
-//! window skips what was stored before the crash. What remains: events redelivered after a
-//! crash whose objects fell in an older partition (events more than a day old) can be stored
-//! twice.
+//! window skips what was stored before the crash.
+//!
+//! A second copy (in another object, never instead of one) remains possible when: an event
+//! more than a day old is redelivered after a crash; another processor, which did not upload
+//! it, takes a redelivery (several processors on one prefix); the store says the object is
+//! missing and a given-up upload lands after all; the key may not read (`HEAD` refused: the
+//! events are written again rather than kept waiting). Two sinks must not share a bucket and
+//! prefix: the same events would make the same names, and one sink's objects would replace
+//! the other's.
 
 mod settings;
 #[cfg(test)]
@@ -53,8 +59,24 @@ use tokio::sync::watch;
 
 pub use settings::{S3Settings, SecretKey};
 
-/// How many events' objects are remembered, to ask about them when the events come back.
+/// How many events' objects are remembered, to ask about them when the events come back (at
+/// least two full objects' worth).
 const REMEMBERED_EVENTS: usize = 200_000;
+
+/// S3 error codes that come with a 4xx but mean "try again" (a slow or interrupted upload, a
+/// clock or a session token to renew): retryable, not the events' fault.
+const TEMPORARY_CODES: &[&str] = &[
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "IncompleteBody",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "OperationAborted",
+    "SlowDown",
+];
+
+/// The client's longest pause between two tries of one request.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The first id is cut to this many bytes in an object's name (the digest tells objects apart).
 const NAME_ID_BYTES: usize = 128;
@@ -88,8 +110,11 @@ struct Open {
 /// Which object each recent event went into, and what its upload answered.
 #[derive(Default)]
 struct Uploads {
-    by_id: HashMap<Arc<str>, Arc<Upload>>,
-    order: VecDeque<Arc<str>>,
+    /// By event id: its latest object, and the number of the remembering (so an id
+    /// remembered again is not forgotten at its earlier place in `order`).
+    by_id: HashMap<Arc<str>, (Arc<Upload>, u64)>,
+    order: VecDeque<(Arc<str>, u64)>,
+    remembered: u64,
 }
 
 struct Upload {
@@ -142,20 +167,17 @@ fn client(settings: &S3Settings) -> Result<Box<dyn ObjectStore>, String> {
     builder
         .with_client_options(
             ClientOptions::new()
-                // A server of one's own may speak plain HTTP; AWS never needs it.
-                .with_allow_http(
-                    settings
-                        .endpoint
-                        .as_ref()
-                        .is_some_and(|e| e.starts_with("http://")),
-                )
+                // A server of one's own may speak plain HTTP; AWS never needs it. (These options
+                // replace the ones `from_env` read, so AWS_ENDPOINT and AWS_ALLOW_HTTP are
+                // looked at here again.)
+                .with_allow_http(allow_http(settings))
                 .with_timeout(request_timeout)
                 .with_connect_timeout(request_timeout.min(Duration::from_secs(5))),
         )
         .with_retry(RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
+                max_backoff: MAX_BACKOFF,
                 base: 2.0,
             },
             max_retries: 10,
@@ -165,6 +187,17 @@ fn client(settings: &S3Settings) -> Result<Box<dyn ObjectStore>, String> {
         .build()
         .map(|store| Box::new(store) as Box<dyn ObjectStore>)
         .map_err(|e| format!("s3 sink {}: {e}", settings.describe()))
+}
+
+/// Whether the endpoint (the setting, else `AWS_ENDPOINT`) is plain HTTP, or `AWS_ALLOW_HTTP`
+/// says to allow it.
+fn allow_http(settings: &S3Settings) -> bool {
+    let endpoint = settings
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+    endpoint.is_some_and(|e| e.starts_with("http://"))
+        || std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 /// How long one request may take: the settings' timeout, at most 10 s (so a hung request
@@ -290,18 +323,20 @@ impl Inner {
             outcome: open.done.subscribe(),
         });
         {
+            let keep = REMEMBERED_EVENTS.max(2 * self.settings.max_events);
             let mut uploads = lock(&self.uploads);
             for id in &open.ids {
-                if uploads
+                uploads.remembered += 1;
+                let number = uploads.remembered;
+                uploads
                     .by_id
-                    .insert(Arc::clone(id), Arc::clone(&upload))
-                    .is_none()
-                {
-                    uploads.order.push_back(Arc::clone(id));
-                }
+                    .insert(Arc::clone(id), (Arc::clone(&upload), number));
+                uploads.order.push_back((Arc::clone(id), number));
             }
-            while uploads.order.len() > REMEMBERED_EVENTS {
-                if let Some(old) = uploads.order.pop_front() {
+            while uploads.order.len() > keep {
+                if let Some((old, number)) = uploads.order.pop_front()
+                    && uploads.by_id.get(&old).is_some_and(|(_, n)| *n == number)
+                {
                     uploads.by_id.remove(&old);
                 }
             }
@@ -333,16 +368,22 @@ impl Inner {
     }
 
     /// The store's error as the sink contract's: refusals (a 4xx other than 408 and 429: no
-    /// such bucket, access denied, a bad request) are permanent, everything else retryable.
+    /// such bucket, access denied, a bad request) are permanent, unless the S3 error code says
+    /// to try again ([`TEMPORARY_CODES`]); everything else is retryable.
     fn answer(&self, error: &object_store::Error, path: &Path) -> SinkError {
         let text = conveyor_core::display::error_chain(error);
         let message = format!("{path}: {text}");
-        let refused = match error {
-            object_store::Error::NotFound { .. }
-            | object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. } => true,
-            _ => status_in(&text).is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429),
-        };
+        let temporary = TEMPORARY_CODES
+            .iter()
+            .any(|code| text.contains(&format!("<Code>{code}</Code>")));
+        let refused = !temporary
+            && match error {
+                object_store::Error::NotFound { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => true,
+                _ => status_in(&text)
+                    .is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429),
+            };
         if refused {
             SinkError::permanent(&self.described, message)
         } else {
@@ -357,7 +398,7 @@ impl Inner {
         {
             let uploads = lock(&self.uploads);
             for (at, event) in events.iter().enumerate().filter(|(_, e)| e.attempt > 1) {
-                if let Some(upload) = uploads.by_id.get(&event.id) {
+                if let Some((upload, _)) = uploads.by_id.get(&event.id) {
                     by_object
                         .entry(upload.path.clone())
                         .or_insert_with(|| (Arc::clone(upload), Vec::new()))
@@ -366,8 +407,7 @@ impl Inner {
                 }
             }
         }
-        let mut stored = HashSet::new();
-        for (path, (upload, indices)) in by_object {
+        let asked = by_object.into_iter().map(|(path, (upload, indices))| async move {
             let outcome = upload.outcome.borrow().clone();
             let landed = match outcome {
                 None => {
@@ -379,6 +419,16 @@ impl Inner {
                 Some(Err(_)) => match self.store.head(&path).await {
                     Ok(_) => true,
                     Err(object_store::Error::NotFound { .. }) => false,
+                    // A key that may write but not read (PutObject only), or a store that
+                    // hides what it holds: unknown, so written again. A second copy beats
+                    // events stuck for ever.
+                    Err(
+                        error @ (object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }),
+                    ) => {
+                        tracing::warn!(object = %path, error = %conveyor_core::display::error_chain(&error), "cannot ask whether an upload given up on was stored; writing its events again (they may be stored twice; the sink needs s3:GetObject to tell)");
+                        false
+                    }
                     Err(error) => {
                         return Err(self.retryable(format!(
                             "cannot tell whether {path} was stored: {}",
@@ -387,9 +437,11 @@ impl Inner {
                     }
                 },
             };
-            if landed {
-                stored.extend(indices);
-            }
+            Ok(if landed { indices } else { Vec::new() })
+        });
+        let mut stored = HashSet::new();
+        for answer in futures_util::future::join_all(asked).await {
+            stored.extend(answer?);
         }
         Ok(stored)
     }
@@ -416,14 +468,19 @@ impl Inner {
             if found >= limit {
                 break;
             }
-            let body = self
-                .store
-                .get(&object.location)
-                .await
-                .map_err(|e| self.answer(&e, &object.location))?
-                .bytes()
-                .await
-                .map_err(|e| self.answer(&e, &object.location))?;
+            let read = async { self.store.get(&object.location).await?.bytes().await };
+            let body = match tokio::time::timeout(self.settings.timeout, read).await {
+                Ok(Ok(body)) => body,
+                // Deleted since it was listed: nothing of it to remember.
+                Ok(Err(object_store::Error::NotFound { .. })) => continue,
+                Ok(Err(e)) => return Err(self.answer(&e, &object.location)),
+                Err(_) => {
+                    return Err(self.retryable(format!(
+                        "reading {} back took longer than {:?}",
+                        object.location, self.settings.timeout
+                    )));
+                }
+            };
             let text = if object.location.as_ref().ends_with(".gz") {
                 let mut plain = Vec::new();
                 match std::io::Read::read_to_end(
@@ -503,16 +560,18 @@ impl Sink for S3Sink {
         self.inner.described.clone()
     }
 
-    /// Gathering for `linger`, then one upload with the client's own retries (none starts
-    /// after `timeout`; the last may take one more request timeout).
+    /// Asking about earlier uploads (one request), gathering for `linger`, then one upload
+    /// with the client's own retries: none starts after `timeout`, but the last may come after
+    /// one more pause and take one more request timeout.
     fn write_timeout(&self) -> Duration {
         let settings = &self.inner.settings;
-        settings.linger + settings.timeout + request_timeout(settings) + Duration::from_secs(1)
-    }
-
-    /// The same events make the same object name (see the crate docs).
-    fn idempotent(&self) -> bool {
-        true
+        let request = request_timeout(settings);
+        request
+            + settings.linger
+            + settings.timeout
+            + MAX_BACKOFF
+            + request
+            + Duration::from_secs(1)
     }
 
     async fn recent_ids(&self, limit: usize) -> Result<Vec<String>, SinkError> {

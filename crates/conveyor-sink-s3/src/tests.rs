@@ -309,9 +309,77 @@ async fn a_missing_bucket_is_permanent_and_an_unreachable_server_retryable() {
     .expect("sink");
     let unreachable = sink.write(&events("u", 3), 1).await.expect_err("no server");
     assert!(unreachable.is_retryable(), "{unreachable:?}");
+}
+
+/// A 4xx is the events' fault, unless its S3 code says to try again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_permanent_and_a_4xx_meaning_try_again_is_retryable() {
+    let server = S3Server::start();
+    server.create_bucket("codes").await;
+    let proxy = S3Proxy::start(&server, |request| {
+        if request.path.contains("/bad") {
+            Proxied::AnswerCode(400, "InvalidArgument")
+        } else if request.path.contains("/slow") {
+            Proxied::AnswerCode(400, "RequestTimeout")
+        } else {
+            Proxied::Pass
+        }
+    })
+    .await;
+    let sink = S3Sink::new(settings(
+        &proxy.endpoint(),
+        "codes",
+        "linger_ms=0&timeout_ms=300",
+    ))
+    .expect("sink");
+    let refused = sink.write(&events("bad", 2), 1).await.expect_err("a 400");
+    assert_eq!(refused.kind, ErrorKind::Permanent, "{refused:?}");
     assert!(
-        sink.write_timeout() >= Duration::from_millis(600),
-        "the pool waits for the client's own retries"
+        refused.message.contains("400") && refused.message.contains("InvalidArgument"),
+        "the server's words: {}",
+        refused.message
+    );
+    let slow = sink
+        .write(&events("slow", 2), 1)
+        .await
+        .expect_err("a 400 RequestTimeout");
+    assert!(slow.is_retryable(), "{slow:?}");
+}
+
+/// A key that may write but not read: a given-up upload's events are written again when
+/// they come back, instead of waiting for ever for an answer the store will not give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_whose_upload_cannot_be_asked_about_are_written_again() {
+    let server = S3Server::start();
+    server.create_bucket("blind").await;
+    let proxy = S3Proxy::start(&server, |request| match request.method.as_str() {
+        "HEAD" => Proxied::AnswerCode(403, "AccessDenied"),
+        // Every answer to the first object's uploads is lost: the sink gives up on it.
+        "PUT" if request.path.contains("/e0-") => Proxied::PassThenAnswer(503),
+        _ => Proxied::Pass,
+    })
+    .await;
+    let sink = S3Sink::new(settings(
+        &proxy.endpoint(),
+        "blind",
+        "linger_ms=0&timeout_ms=100",
+    ))
+    .expect("sink");
+    let mut batch = events("e", 5);
+    sink.write(&batch, 1)
+        .await
+        .expect_err("the answer was lost");
+    for event in &mut batch {
+        event.attempt = 2;
+    }
+    batch.reverse();
+    sink.write(&batch, 2).await.expect("written again");
+    assert!(proxy.seen().iter().any(|(r, _)| r.method == "HEAD"));
+    let counts = id_counts(&stored(&server, "blind").await);
+    assert_eq!(counts.len(), 5);
+    assert!(
+        counts.values().all(|&n| n == 2),
+        "stored twice, the price of not being able to ask: {counts:?}"
     );
 }
 

@@ -155,6 +155,8 @@ pub enum Proxied {
     PassThenAnswer(u16),
     /// Answered with this status; the server never sees it.
     Answer(u16),
+    /// Answered with this status and an S3 error of this code (`RequestTimeout`, …).
+    AnswerCode(u16, &'static str),
 }
 
 type ProxyScript = dyn Fn(&ProxiedRequest) -> Proxied + Send + Sync;
@@ -244,8 +246,10 @@ async fn relay(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push((request, action));
-    if let Proxied::Answer(status) = action {
-        return answer(status);
+    match action {
+        Proxied::Answer(status) => return answer(status, "ProxyRefused"),
+        Proxied::AnswerCode(status, code) => return answer(status, code),
+        Proxied::Pass | Proxied::PassThenAnswer(_) => {}
     }
     let target = format!(
         "{}{}",
@@ -263,7 +267,7 @@ async fn relay(
         Err(e) => return answer_with(502, format!("proxy: {e}")),
     };
     if let Proxied::PassThenAnswer(status) = action {
-        return answer(status);
+        return answer(status, "ProxyLostTheAnswer");
     }
     let status = upstream.status().as_u16();
     let mut reply = Response::builder().status(status);
@@ -278,10 +282,10 @@ async fn relay(
         .unwrap_or_else(|e| answer_with(500, format!("proxy: {e}")))
 }
 
-fn answer(status: u16) -> Response {
+fn answer(status: u16, code: &str) -> Response {
     answer_with(
         status,
-        "<Error><Code>SlowDown</Code><Message>the test proxy says no</Message></Error>".into(),
+        format!("<Error><Code>{code}</Code><Message>the test proxy says so</Message></Error>"),
     )
 }
 

@@ -49,17 +49,19 @@ async fn settled(server: &S3Server, bucket: &str, ledger: &Ledger, within: Durat
     }
 }
 
-/// What the proxy does to an object's upload, by its name: a third of the objects lose the
-/// answer to their first upload (the client sends it again under the same name), a third
-/// lose every answer (the sink gives up, the events come back, and the sink asks whether the
-/// object is there), the rest pass.
+/// What the proxy does to an object's upload, by its name: a quarter of the objects lose the
+/// answer to their first upload (the client sends it again under the same name), a quarter
+/// lose every answer (the sink gives up, the events come back, the sink asks whether the
+/// object is there, finds it, and skips them), a quarter are refused every time without
+/// being stored (the events come back, the object is found missing, and they go into a new
+/// object, under a new name), the rest pass.
 fn upload_trouble(path: &str) -> u8 {
-    (path.bytes().map(u32::from).sum::<u32>() % 3) as u8
+    (path.bytes().map(u32::from).sum::<u32>() % 4) as u8
 }
 
-/// 6,000 events through a proxy that loses upload answers: every event ends in exactly one
-/// object, and both kinds of retry happened (objects of at most 250 events: two dozen or more,
-/// so each kind of trouble is all but sure to be drawn).
+/// 6,000 events through a proxy that loses upload answers and refuses uploads: every event
+/// ends in exactly one object, and every kind of trouble happened (objects of about 250
+/// events: two dozen or more, so each kind is all but sure to be drawn).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_in_exactly_one_object_after_forced_retries() {
     let server = S3Server::start();
@@ -71,6 +73,7 @@ async fn every_event_is_in_exactly_one_object_after_forced_retries() {
         match upload_trouble(&request.path) {
             0 if request.attempt == 0 => Proxied::PassThenAnswer(503),
             1 => Proxied::PassThenAnswer(500),
+            2 => Proxied::Answer(503),
             _ => Proxied::Pass,
         }
     })
@@ -111,10 +114,14 @@ timeout_ms = 500
         .iter()
         .filter(|(_, a)| *a == Proxied::PassThenAnswer(500))
         .count();
+    let refused = seen
+        .iter()
+        .filter(|(_, a)| *a == Proxied::Answer(503))
+        .count();
     let asked = seen.iter().filter(|(r, _)| r.method == "HEAD").count();
     assert!(
-        lost_once > 0 && given_up > 0 && asked > 0,
-        "both kinds of retry happened: {lost_once} answers lost once, {given_up} lost for good, {asked} HEADs"
+        lost_once > 0 && given_up > 0 && refused > 0 && asked > 0,
+        "every kind of trouble happened: {lost_once} answers lost once, {given_up} lost for good, {refused} refused, {asked} HEADs"
     );
     let (_, status) = conveyor.get_json("/api/v1/status").await;
     let sink = &status["processor"]["stats"]["sinks"][0];
@@ -149,12 +156,13 @@ async fn every_event_is_in_exactly_one_object_through_processor_kills() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         split.kill_processor().await;
         split.start_processor().await;
-        let log = split.processor.stderr_tail();
-        assert!(
-            log.contains("seen-id window seeded from the sink"),
-            "a restarted processor reads back the newest objects: {log}"
-        );
     }
+    // Objects were stored before the last kill (2 s in, with a linger of 100 ms).
+    let log = split.processor.stderr_tail();
+    assert!(
+        log.contains("seen-id window seeded from the sink"),
+        "a restarted processor reads back the newest objects: {log}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let accepted = senders.finish_accepted().await;
     let verdict = settled(&server, "crashes", &accepted, Duration::from_secs(120)).await;
