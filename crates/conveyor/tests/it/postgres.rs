@@ -68,6 +68,52 @@ async fn conveyor_run_writes_every_event_to_postgres_once_with_its_columns() {
     assert_eq!(ready["sinks"]["default"]["healthy"], true, "{ready}");
 }
 
+/// A config file's sink with columns of its own, behind a pipeline that shapes the events:
+/// each row's columns hold what the pipeline produced, cast to their types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_of_ones_own_hold_what_the_pipeline_produced() {
+    let db = TestDatabase::create();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        r#"
+[sinks.db]
+type = "postgres"
+url = "{}"
+table = "shaped"
+
+[sinks.db.columns]
+n = {{ path = ".data.i", type = "integer" }}
+doubled = {{ path = ".data.doubled", type = "bigint" }}
+tag = ".metadata.tag"
+odd = {{ path = ".data.odd", type = "boolean" }}
+
+[[pipelines]]
+name = "shape"
+stages = [
+  {{ transform = '.data.doubled = .data.i * 2 | .data.odd = (.data.i % 2 == 1) | .metadata.tag = .data.tag' }},
+]
+route = [ {{ to = ["db"] }} ]
+"#,
+        db.url()
+    );
+    let conveyor = Spawn::new("run")
+        .config_file(dir.path(), &config)
+        .start()
+        .await;
+    let accepted = send_batches(&conveyor, "col", 2_000, 250, 2).await;
+    let verdict = settled(&db, "shaped", &accepted, Duration::from_secs(60)).await;
+    assert!(verdict.is_clean(), "{verdict}");
+    assert_eq!(
+        db.query("SELECT n, doubled, tag, odd, data->>'doubled' FROM shaped WHERE id = 'col-21'"),
+        "21|42|col|t|42"
+    );
+    assert_eq!(
+        db.query("SELECT count(*) FROM shaped WHERE doubled = 2 * n AND odd = (n % 2 = 1)"),
+        "2000",
+        "every row's columns are its pipeline output"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_mode_with_the_processor_sigkilled_mid_stream_leaves_every_id_once_in_the_table() {
     let server = NatsServer::start();
