@@ -6,10 +6,14 @@
 #
 #   make bench-e2e                 # DURATION=10 seconds per scenario
 #   DURATION=5 APPEND=0 make bench-e2e
+#   SINKS_ONLY=1 make bench-e2e    # only the sink rows (and the nats-server they need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 APPEND=${APPEND:-1}
+SINKS_ONLY=${SINKS_ONLY:-0}
+# Everything but the sink rows (and the nats-server they share with the NATS rows).
+others() { [ "$SINKS_ONLY" != 1 ]; }
 # The scaling table: each processor runs SCALE_WORKERS workers (one by default, so one process
 # is one core's worth of stage work) and a stage heavy enough that it, not the broker, is the
 # limit. On a 2-core machine the table should rise from 1 to 2 processors and stay flat at 3.
@@ -78,6 +82,7 @@ scenario() { # LABEL NAME MODE CONNECTIONS [server start args...]; the server is
   row "$label" "$out/$name.json" "$idle" "$(hwm_mib "$PID")"
 }
 
+if others; then
 echo "==> ceiling: bare axum server parsing the same body"
 start ceiling "$SERVER_CPUS" "$CEILING" --host 127.0.0.1 --port 0
 scenario "ceiling (bare axum), HTTP single, 64 conn" ceiling-http http 64
@@ -132,27 +137,36 @@ scenario "split mode, HTTP single, 64 conn" split-http http 64
 split split-batch QUEUE_TYPE=memory
 scenario "split mode, HTTP NDJSON x1000, 4 conn" split-batch batch 4
 
+fi
+
 echo "==> NATS JetStream (private nats-server on the server core, file storage)"
 nats_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 taskset -c "$SERVER_CPUS" "$NATS_SERVER" -js -a 127.0.0.1 -p "$nats_port" -sd "$out/nats" >"$out/nats.log" 2>&1 &
 pids+=("$!"); sleep 1
+if others; then
 split nats-batch QUEUE_TYPE=nats NATS_URL="nats://127.0.0.1:$nats_port"
 scenario "split mode on NATS, HTTP NDJSON x1000, 4 conn" nats-batch batch 4
 
 echo "==> raw async-nats client vs conveyor's NATS publisher, on the same broker"
 BENCH_NATS_URL="nats://127.0.0.1:$nats_port" EVENTS=${NATS_EVENTS:-100000} \
   cargo bench -q -p conveyor-queue-nats --bench nats_path 2>/dev/null | grep '^|' >"$out/nats-raw.md"
+fi
 
 echo "==> sinks: conveyor run NDJSON into each sink, next to the sink's raw client loop (same server, same run)"
-# Each row: conveyor run (memory queue, pinned to the server core) writing to a real sink, and
-# the sink crate's bench run pinned to the same core against the same server, whose raw-client
-# row (the same records, batches of 256, 4 writers) is the baseline.
+# Each row: first the sink crate's bench, pinned to the server core, against the same server:
+# its raw-client row (the same records, batches of 256, 4 writers) is the baseline. Then
+# conveyor run (memory queue, pinned to the server core) writing to that sink, offered NDJSON
+# at the baseline's rate (open loop): a closed loop would keep the queue full and measure
+# how fast ingest refuses 1000-event bodies with 429 on the same core, not the sink.
 sinks="$out/sinks.tsv"; : >"$sinks"
 sink_row() { # LABEL NAME SINK_SPEC RAW_OUTPUT RAW_PATTERN
+  local raw
+  raw=$(python3 -c 'import re, sys; m = re.search(sys.argv[2], open(sys.argv[1]).read(), re.M); print(m.group(1) if m else "")' "$4" "$5")
+  if [ -z "$raw" ]; then echo "no raw-client rate in $4:"; cat "$4" "${4%.txt}.err"; exit 1; fi
   start "$2" "$SERVER_CPUS" "$B" run --host 127.0.0.1 --port 0 --sink "$3"
-  load "$2" "$URL" --mode batch --connections 4
+  load "$2" "$URL" --mode batch --connections 4 --rate "$raw"
   stop "$PID"
-  printf '%s\t%s\t%s\t%s\n' "$1" "$out/$2.json" "$4" "$5" >>"$sinks"
+  printf '%s\t%s\t%s\n' "$1" "$out/$2.json" "$raw" >>"$sinks"
 }
 pg_db="bench_e2e_$$"
 psql "$pg_url" -XAtqc "create database $pg_db" >/dev/null
@@ -170,6 +184,8 @@ BENCH_NATS_URL="nats://127.0.0.1:$nats_port" taskset -c "$SERVER_CPUS" cargo ben
 sink_row "NATS JetStream (the nats-server above)" run-nats-sink "nats://127.0.0.1:$nats_port?subject=bench.out&stream=BENCHOUT" \
   "$out/nats-sink-raw.txt" '^\| (\d+) events/s \|'
 
+scaling="$out/scaling.tsv"; : >"$scaling"
+if others; then
 echo "==> Kafka protocol (private tansu broker on the server core, in-memory storage)"
 kafka_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 taskset -c "$SERVER_CPUS" env RUST_LOG=warn "$TANSU" broker --listener-url "tcp://127.0.0.1:$kafka_port" \
@@ -183,7 +199,6 @@ BENCH_KAFKA_BROKERS="127.0.0.1:$kafka_port" EVENTS=${KAFKA_EVENTS:-100000} \
   cargo bench -q -p conveyor-queue-kafka --bench kafka_path 2>/dev/null | grep '^|' >"$out/kafka-raw.md"
 
 echo "==> scaling: 1, 2, 3 processors on NATS with a CPU-heavy stage ($STAGE_CPU, $SCALE_WORKERS worker each), unpinned"
-scaling="$out/scaling.tsv"; : >"$scaling"
 for n in 1 2 3; do
   stream="SCALE$n"
   env=(QUEUE_TYPE=nats NATS_URL="nats://127.0.0.1:$nats_port" CONVEYOR_NATS_STREAM="$stream" CONVEYOR_NATS_SUBJECT="scale.$n")
@@ -200,6 +215,8 @@ for n in 1 2 3; do
   printf '%s\t%s\n' "$n" "$out/scale$n.json" >>"$scaling"
 done
 
+fi
+
 python3 - "$rows" "$scaling" "$DURATION" "$STAGE_CPU" "$SCALE_WORKERS" "$(nproc)" "$sinks" >"$out/table.md" <<'PY'
 import json, re, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
@@ -212,8 +229,9 @@ for label, path, idle, peak in rows:
     r = load(path)
     if label.startswith("ceiling"):
         ceil["single" if "single" in label else "batch"] = r["accepted_per_sec"]
-print(f"| scenario ({duration} s each) | accepted ev/s | processed ev/s | p50 ms | p99 ms | RSS idle / peak MiB | vs ceiling |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+if rows:
+    print(f"| scenario ({duration} s each) | accepted ev/s | processed ev/s | p50 ms | p99 ms | RSS idle / peak MiB | vs ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
 for label, path, idle, peak in rows:
     r = load(path)
     acc = r["accepted_per_sec"]
@@ -223,38 +241,41 @@ for label, path, idle, peak in rows:
     lat = r["latency_us"]
     procs = f"{proc:,.0f}" if proc else "n/a"
     print(f"| {label} | {acc:,.0f} | {procs} | {ms(lat['p50'])} | {ms(lat['p99'])} | {idle} / {peak} | {ratio} |")
-print()
-print(f"Scaling on NATS with stage `{stage}`, {workers} worker per processor (processors, ingest, gateway, generator and nats-server unpinned on the same {cpus} cores):")
-print()
-print("| processors | processed ev/s | vs 1 processor |")
-print("|---:|---:|---:|")
+if scaling:
+    print()
+    print(f"Scaling on NATS with stage `{stage}`, {workers} worker per processor (processors, ingest, gateway, generator and nats-server unpinned on the same {cpus} cores):")
+    print()
+    print("| processors | processed ev/s | vs 1 processor |")
+    print("|---:|---:|---:|")
 base = None
 for n, path in scaling:
     p = load(path)["processed"].get("per_sec") or 0
     base = base or p
     print(f"| {n} | {p:,.0f} | {100*p/base:.0f}% |")
 print()
-print("Sinks: `conveyor run` (memory queue, NDJSON x1000 from 4 connections) writing to a real sink, next to that sink's raw client loop (its crate's bench: the same records, batches of 256 from 4 writers, pinned to the same core, the same server; goal 70%):")
+print("Sinks: `conveyor run` (memory queue, pinned to the server core) writing to a real sink, offered NDJSON x1000 at the rate of that sink's raw client loop (its crate's bench: the same records, batches of 256 from 4 writers, pinned to the same core, the same server, run just before; goal 70%):")
 print()
-print("| sink | conveyor run processed ev/s | raw client loop ev/s | share of the raw loop |")
-print("|---|---:|---:|---:|")
+print("| sink | raw client loop ev/s | conveyor run processed ev/s | share of the raw loop | refused (429) |")
+print("|---|---:|---:|---:|---:|")
 for line in open(sys.argv[7]):
     if not line.strip():
         continue
-    label, path, raw_output, pattern = line.rstrip("\n").split("\t")
-    processed = load(path)["processed"].get("per_sec") or 0
-    found = re.search(pattern, open(raw_output).read(), re.M)
-    raw = float(found.group(1)) if found else 0
-    share = f"{100*processed/raw:.0f}%" if raw else "n/a (no raw row)"
-    print(f"| {label} | {processed:,.0f} | {raw:,.0f} | {share} |")
+    label, path, raw = line.rstrip("\n").split("\t")
+    r = load(path)
+    processed = r["processed"].get("per_sec") or 0
+    counts = r["counts"]
+    refused = counts["events_rejected"] / max(counts["events_sent"], 1)
+    print(f"| {label} | {float(raw):,.0f} | {processed:,.0f} | {100*processed/float(raw):.0f}% | {100*refused:.0f}% |")
 PY
 
 {
   echo
-  echo "NATS publish path, raw client vs conveyor, same broker as above (\`nats_path\` bench):"
-  echo
-  cat "$out/nats-raw.md"
-  echo
+  if others; then
+    echo "NATS publish path, raw client vs conveyor, same broker as above (\`nats_path\` bench):"
+    echo
+    cat "$out/nats-raw.md"
+    echo
+  fi
   echo "The sinks' own benches from the rows above (the sink layer next to the raw client, same server):"
   echo
   echo '```'
@@ -263,9 +284,11 @@ PY
   echo
   cat "$out/http-raw.txt" "$out/nats-sink-raw.txt" | grep '^|'
   echo
-  echo "Kafka publish path, raw rdkafka producer vs conveyor, same broker as above (\`kafka_path\` bench):"
-  echo
-  cat "$out/kafka-raw.md"
+  if others; then
+    echo "Kafka publish path, raw rdkafka producer vs conveyor, same broker as above (\`kafka_path\` bench):"
+    echo
+    cat "$out/kafka-raw.md"
+  fi
 } >>"$out/table.md"
 cat "$out/table.md"
 if [ "$APPEND" = 1 ]; then
