@@ -285,8 +285,10 @@ pub struct PoolArgs {
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: u64,
 
-    /// Where processed events go: file:PATH, stdout or blackhole. With --config, the sink
-    /// named `default` (given here, it overrides the file's `[sinks.default]`).
+    /// Where processed events go: file:PATH, stdout, blackhole, postgres://…?table=…,
+    /// http(s)://…, s3://bucket/prefix, nats://…?subject=… or kafka://…/topic (docs/SINKS.md).
+    /// With --config, the sink named `default` (given here, it overrides the file's
+    /// `[sinks.default]`).
     #[arg(
         long,
         env = "CONVEYOR_SINK",
