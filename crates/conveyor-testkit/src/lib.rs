@@ -73,10 +73,7 @@ impl NatsServer {
 
     /// SIGKILL: the broker dies without a chance to flush (what a crash looks like).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop(&mut self.child);
     }
 
     /// Starts again on the same port with the same store: what was durable comes back.
@@ -246,10 +243,7 @@ impl NatsCluster {
 
     /// SIGKILL one node: it dies without a chance to flush or hand over leadership.
     pub fn kill(&mut self, node: usize) {
-        if let Some(mut child) = self.nodes[node].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop(&mut self.nodes[node].child);
     }
 
     /// Starts a killed node again on its ports with its store: it rejoins and catches up.
@@ -417,10 +411,7 @@ impl KafkaBroker {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop(&mut self.child);
     }
 }
 
@@ -428,6 +419,22 @@ impl Drop for KafkaBroker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// SIGKILLs a fixture's process, if it runs, and reaps it.
+fn stop(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The first `name` on PATH that is a file.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 /// `TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
@@ -439,12 +446,12 @@ pub fn find_tansu() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .map(|home| home.join("bin"));
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .chain(cargo_bin)
-        .map(|dir| dir.join("tansu"))
-        .find(|candidate| candidate.is_file())
+    on_path("tansu")
+        .or_else(|| {
+            cargo_bin
+                .map(|dir| dir.join("tansu"))
+                .filter(|p| p.is_file())
+        })
         .unwrap_or_else(|| {
             panic!(
                 "tansu (a Kafka-protocol broker) not found (TANSU_BIN, PATH, ~/.cargo/bin). \
@@ -459,12 +466,7 @@ pub fn find_nats_server() -> PathBuf {
     if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
         return PathBuf::from(bin);
     }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("nats-server"))
-            .find(|candidate| candidate.is_file())
-    });
-    on_path
+    on_path("nats-server")
         .or_else(|| Some(PathBuf::from("/usr/sbin/nats-server")).filter(|p| Path::new(p).is_file()))
         .unwrap_or_else(|| {
             panic!(

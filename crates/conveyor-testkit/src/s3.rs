@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt as _;
 use object_store::ObjectStore as _;
 
-use crate::{free_port, wait_for_port};
+use crate::{free_port, on_path, stop, wait_for_port};
 
 /// The access key the tests sign with (moto takes any).
 pub const S3_ACCESS_KEY: &str = "conveyor-test";
@@ -97,10 +97,7 @@ impl S3Server {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop(&mut self.child);
     }
 }
 
@@ -122,18 +119,15 @@ pub fn find_moto_server() -> PathBuf {
             .nth(3)
             .map(|target| target.join("s3-venv/bin/moto_server"))
     });
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("moto_server"))
-            .find(|candidate| candidate.is_file())
-    });
-    venv.filter(|p| p.is_file()).or(on_path).unwrap_or_else(|| {
-        panic!(
-            "moto_server (an S3 server, PyPI `moto[server]`) not found (CONVEYOR_MOTO_SERVER, \
+    venv.filter(|p| p.is_file())
+        .or_else(|| on_path("moto_server"))
+        .unwrap_or_else(|| {
+            panic!(
+                "moto_server (an S3 server, PyPI `moto[server]`) not found (CONVEYOR_MOTO_SERVER, \
                  target/s3-venv, PATH). Run `make test`, which installs it into target/s3-venv \
                  (tests/s3/requirements.txt), or `pip install 'moto[server]'`."
-        )
-    })
+            )
+        })
 }
 
 /// One request the proxy saw.
